@@ -1,0 +1,47 @@
+"""llmq: weight-only LLM quantization into GGUF files that llama.cpp runs.
+
+Example:
+    >>> import llmq
+    >>> result = llmq.convert("path/to/hf-model", config=llmq.QuantConfig(bits=4, group_size=128))
+    >>> print(result.summary())
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .arch import ArchSpec, get_arch
+from .codecs import REGISTRY as CODECS
+from .codecs import Codec, get_codec
+from .config import QuantConfig
+from .errors import FormatError, LlmqError, OutputExistsError, SourceError, UnsupportedArchitectureError
+from .inspect import inspect_gguf
+from .pipeline import ConvertResult, convert
+from .plan import TensorPlan, plan_tensors
+from .source import Checkpoint, resolve_source
+from .stream import LayerStream
+from .writers import GGUFStreamWriter
+
+__all__ = [
+    "CODECS",
+    "ArchSpec",
+    "Checkpoint",
+    "Codec",
+    "ConvertResult",
+    "FormatError",
+    "GGUFStreamWriter",
+    "LayerStream",
+    "LlmqError",
+    "OutputExistsError",
+    "QuantConfig",
+    "SourceError",
+    "TensorPlan",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "convert",
+    "get_arch",
+    "get_codec",
+    "inspect_gguf",
+    "plan_tensors",
+    "resolve_source",
+]

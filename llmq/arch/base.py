@@ -1,0 +1,105 @@
+"""Architecture knowledge as data: one frozen `ArchSpec` per Hugging Face `model_type`.
+
+A spec says where a checkpoint keeps its tensors, which transformers module is a decoder layer,
+how hyper-parameters map to GGUF keys, which op feeds which linears (for the AWQ search), and
+quirks such as the rotary Q/K permutation or Gemma's ``1 + w`` norms. Adding an architecture is
+one small file declaring an `ArchSpec` and calling `register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import gguf
+
+from ..errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that read the same input, and the op whose output produces it.
+
+    Attributes:
+        prev: module (relative to the decoder layer) that produces the shared input: a norm or a linear.
+        linears: the linears reading that input; AWQ scales their input channels and folds
+            the inverse into ``prev``.
+        loss_on: module whose output the search's loss is measured on.
+        needs_same_shape: apply only when ``prev``'s output width equals the linears' input width
+            (v -> o is skipped under grouped-query attention).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    loss_on: str
+    needs_same_shape: bool = False
+
+
+# hyper-parameter key of the GGUF arch namespace -> function of the HF config returning its value
+MetadataFn = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything llmq knows about one decoder-only architecture."""
+
+    model_type: str
+    hf_architectures: tuple[str, ...]
+    gguf_arch: gguf.MODEL_ARCH
+    decoder_layer: str  # "module.path:ClassName" of transformers' decoder layer
+    n_layers_key: str = "num_hidden_layers"
+    layer_prefix: str = "model.layers.{i}."
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    # Linears whose rows are un-permuted for llama.cpp's rotary layout: suffix -> config key of head count.
+    rope_permute: Mapping[str, str] = field(default_factory=dict)
+    # Added to every norm weight when written (Gemma stores w and computes x * (1 + w)).
+    norm_offset: float = 0.0
+    scale_groups: tuple[ScaleGroup, ...] = ()
+    # Linears the clip search skips (rotary Q/K, as the AWQ reference implementation does).
+    no_clip: tuple[str, ...] = ()
+
+    @property
+    def gguf_arch_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def layer_class(self) -> type:
+        module, _, name = self.decoder_layer.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def tensor_name_map(self, n_layers: int) -> gguf.TensorNameMap:
+        return gguf.get_tensor_name_map(self.gguf_arch, n_layers)
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    assert spec.model_type not in _REGISTRY, spec.model_type
+    _REGISTRY[spec.model_type] = spec
+    return spec
+
+
+def registered() -> dict[str, ArchSpec]:
+    return dict(_REGISTRY)
+
+
+def get_arch(config: Any, *, source: str = "config.json") -> ArchSpec:
+    """Find the spec for a transformers config (by ``architectures``, then ``model_type``).
+
+    Raises:
+        UnsupportedArchitectureError: naming the architecture and the supported ones.
+    """
+    archs = tuple(getattr(config, "architectures", None) or ())
+    for spec in _REGISTRY.values():
+        if any(a in spec.hf_architectures for a in archs):
+            return spec
+    spec = _REGISTRY.get(getattr(config, "model_type", ""))
+    if spec is not None and not archs:
+        return spec
+    supported = ", ".join(a for s in _REGISTRY.values() for a in s.hf_architectures)
+    got = ", ".join(archs) or getattr(config, "model_type", "?")
+    raise UnsupportedArchitectureError(f"{source}: unsupported architecture {got}; supported: {supported}")

@@ -1,0 +1,15 @@
+"""Codecs: the storage formats llmq writes, one registered class each.
+
+Example:
+    >>> from llmq.codecs import get_codec
+    >>> q = get_codec("Q4_0")
+    >>> data = q.encode(weights)            # (rows, K) float32 -> (rows, K/32*18) uint8
+    >>> back = q.decode(data, weights.shape)
+"""
+
+from __future__ import annotations
+
+from . import floats, legacy  # noqa: F401  (registers the classes)
+from .base import REGISTRY, Codec, GroupCodec, get_codec
+
+__all__ = ["REGISTRY", "Codec", "GroupCodec", "get_codec"]

@@ -1,0 +1,181 @@
+"""The codec base class and registry: one storage format = one small registered class.
+
+A codec turns float32 weights into the exact bytes a GGUF tensor stores, and back. Subclasses
+declare their ggml type and implement `encode_blocks`/`decode_blocks` on `(n_blocks, block_size)`
+float32 arrays and `(n_blocks, type_size)` uint8 arrays; this base class owns reshaping and checks.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import FormatError
+
+REGISTRY: dict[str, type[Codec]] = {}
+
+
+def get_codec(name: str) -> type[Codec]:
+    """Look a codec up by its llama.cpp name (case-insensitive), e.g. ``"Q4_0"`` or ``"f16"``.
+
+    Raises:
+        FormatError: if no codec of that name is registered.
+    """
+    codec = REGISTRY.get(name.upper())
+    if codec is None:
+        raise FormatError(f"unknown tensor type {name!r}; known types: {', '.join(sorted(REGISTRY))}")
+    return codec
+
+
+class Codec:
+    """A GGUF storage type: block geometry plus encode/decode of whole blocks.
+
+    Class attributes are filled in on declaration from ``gguf.GGML_QUANT_SIZES``.
+    """
+
+    name: ClassVar[str]
+    qtype: ClassVar[GGMLQuantizationType]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+    # Bits of one stored value (the code width for quantized types, the float width otherwise).
+    bits: ClassVar[int]
+    symmetric: ClassVar[bool] = True
+    is_float: ClassVar[bool] = False
+
+    def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if qtype is None:  # an abstract intermediate class
+            return
+        cls.qtype = qtype
+        cls.name = qtype.name
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
+        assert cls.name not in REGISTRY, f"codec {cls.name} registered twice"
+        REGISTRY[cls.name] = cls
+
+    # -- subclass API --------------------------------------------------------------------------
+    @classmethod
+    def encode_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        """Encode ``(n_blocks, block_size)`` float32 values into ``(n_blocks, type_size)`` bytes."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
+        """Decode ``(n_blocks, type_size)`` bytes into ``(n_blocks, block_size)`` float32 values."""
+        raise NotImplementedError
+
+    # -- shape handling ------------------------------------------------------------------------
+    @classmethod
+    def bits_per_weight(cls) -> float:
+        return cls.type_size * 8 / cls.block_size
+
+    @classmethod
+    def can_store(cls, shape: tuple[int, ...]) -> bool:
+        """Whether rows of this length split into whole blocks."""
+        return len(shape) >= 1 and shape[-1] % cls.block_size == 0
+
+    @classmethod
+    def nbytes(cls, shape: tuple[int, ...]) -> int:
+        """Bytes one tensor of ``shape`` takes in this format."""
+        cls._check_shape(shape)
+        return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // cls.block_size) * cls.type_size
+
+    @classmethod
+    def byte_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        cls._check_shape(shape)
+        return (*shape[:-1], shape[-1] // cls.block_size * cls.type_size)
+
+    @classmethod
+    def _check_shape(cls, shape: tuple[int, ...]) -> None:
+        if not cls.can_store(shape):
+            raise FormatError(
+                f"{cls.name} stores rows in blocks of {cls.block_size}; a row of {shape[-1] if shape else 0} "
+                f"(tensor shape {tuple(shape)}) does not split into whole blocks"
+            )
+
+    @classmethod
+    def encode(cls, x: np.ndarray) -> np.ndarray:
+        """Encode a float tensor ``(..., K)`` into its GGUF bytes ``(..., K / block_size * type_size)``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        cls._check_shape(x.shape)
+        out = cls.encode_blocks(x.reshape(-1, cls.block_size))
+        assert out.dtype == np.uint8 and out.shape[1] == cls.type_size, (cls.name, out.dtype, out.shape)
+        return out.reshape(cls.byte_shape(x.shape))
+
+    @classmethod
+    def decode(cls, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Decode GGUF bytes back to a float32 tensor of ``shape``."""
+        data = np.ascontiguousarray(data).view(np.uint8)
+        if data.size != cls.nbytes(shape):
+            raise FormatError(f"{cls.name}: {data.size} bytes do not hold a tensor of shape {tuple(shape)}")
+        out = cls.decode_blocks(data.reshape(-1, cls.type_size))
+        assert out.dtype == np.float32 and out.shape[1] == cls.block_size, (cls.name, out.dtype, out.shape)
+        return out.reshape(shape)
+
+
+class GroupCodec(Codec):
+    """A block format whose scale (and min) can be shared by a group of consecutive blocks.
+
+    Subclasses split encoding into `group_params` (the scale/min llama.cpp's reference quantizer
+    derives from a set of values) and `pack` (quantize blocks with given parameters). A group of
+    ``g`` values (a multiple of the block size) is then stored as ``g / block_size`` blocks carrying
+    the same parameters, so the file holds exactly the group-wise quantized values.
+    """
+
+    @classmethod
+    def group_params(cls, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return float32 ``(d, m)`` of shape ``(n_groups, 1)`` for ``(n_groups, group_size)`` values.
+
+        ``m`` is the group minimum for asymmetric codecs and zeros for symmetric ones.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def pack(cls, blocks: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Quantize ``(n_blocks, block_size)`` values with per-block float32 ``d``/``m`` ``(n_blocks, 1)``."""
+        raise NotImplementedError
+
+    @classmethod
+    def encode_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return cls.pack(blocks, *cls.group_params(blocks))
+
+    @classmethod
+    def encode_grouped(cls, x: np.ndarray, group_size: int) -> np.ndarray:
+        """Encode ``(..., K)`` with one scale (and min) per ``group_size`` values of a row.
+
+        When ``group_size`` does not divide ``K``, the last group of each row is the remainder
+        (itself whole blocks), as a row of 576 splits into 4 groups of 128 and one of 64.
+
+        Args:
+            x: float tensor whose rows split into whole blocks.
+            group_size: a multiple of the block size, or -1 for one group per row.
+
+        Returns:
+            The GGUF bytes, as `encode` returns them.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        cls._check_shape(x.shape)
+        k = x.shape[-1]
+        g = k if group_size == -1 else group_size
+        if g <= 0 or g % cls.block_size:
+            raise FormatError(
+                f"{cls.name}: group size {group_size} is not a multiple of the block size {cls.block_size}"
+            )
+        if g == cls.block_size:
+            return cls.encode(x)
+        rows = x.reshape(-1, k)
+        full = k - k % g
+        parts = [cls._encode_groups(rows[:, :full], g)] if full else []
+        if full < k:
+            parts.append(cls._encode_groups(rows[:, full:], k - full))
+        out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        return out.reshape(cls.byte_shape(x.shape))
+
+    @classmethod
+    def _encode_groups(cls, rows: np.ndarray, g: int) -> np.ndarray:
+        # (n, k) with k % g == 0 -> (n, k / block_size * type_size)
+        d, m = cls.group_params(rows.reshape(-1, g))
+        per = g // cls.block_size
+        out = cls.pack(rows.reshape(-1, cls.block_size), np.repeat(d, per, axis=0), np.repeat(m, per, axis=0))
+        return out.reshape(rows.shape[0], -1)

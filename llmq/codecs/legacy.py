@@ -1,0 +1,166 @@
+"""llama.cpp's legacy block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (32 values a block).
+
+Encoders mirror ggml-quants.c's `quantize_row_q*_ref` in float32 arithmetic, so round-to-nearest
+blocks are byte-identical to llama.cpp's (and to `gguf.quants.quantize`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from .base import GroupCodec
+
+_F32 = np.float32
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    # ggml: `id = d ? 1.0f/d : 0.0f`
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, _F32(0), _F32(1) / d).astype(_F32)
+
+
+def _signed_absmax(x: np.ndarray) -> np.ndarray:
+    # The value of largest magnitude, sign kept (first one on ties, as ggml's loop keeps it).
+    idx = np.abs(x).argmax(axis=-1, keepdims=True)
+    return np.take_along_axis(x, idx, axis=-1)
+
+
+def _minmax_params(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    lo = x.min(axis=-1, keepdims=True)
+    hi = x.max(axis=-1, keepdims=True)
+    return ((hi - lo) / _F32(levels)).astype(_F32), lo.astype(_F32)
+
+
+def _trunc_codes(v: np.ndarray, top: int) -> np.ndarray:
+    # ggml: `MIN(top, (int8_t)(v))` where v >= 0 by construction
+    return np.minimum(np.trunc(v), top).astype(np.uint8)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    # qs[j] = q[j] | q[j + 16] << 4: the first half of the block in the low nibbles
+    half = q.shape[1] // 2
+    return (q[:, :half] & 0x0F) | (q[:, half:] << 4)
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _pack_high_bits(q: np.ndarray) -> np.ndarray:
+    # qh: bit j of a little-endian uint32 holds bit 4 of q[j]
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
+    return np.unpackbits(qh, axis=1, bitorder="little") << 4
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).view(np.uint8).reshape(v.shape[0], 2)
+
+
+def _f16_value(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(_F32)
+
+
+# [d: f16][qs: 16 B, lo nibble = values 0..15, hi nibble = values 16..31]; x = d * (q - 8)
+class Q4_0(GroupCodec, qtype=T.Q4_0):
+    bits = 4
+
+    @classmethod
+    def group_params(cls, groups):
+        d = (_signed_absmax(groups) / _F32(-8)).astype(_F32)
+        return d, np.zeros_like(d)
+
+    @classmethod
+    def pack(cls, blocks, d, m):
+        q = _trunc_codes(blocks * _inverse(d) + _F32(8.5), 15)
+        return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
+
+    @classmethod
+    def decode_blocks(cls, data):
+        q = _unpack_nibbles(data[:, 2:]).astype(np.int8) - np.int8(8)
+        return _f16_value(data[:, :2]) * q.astype(_F32)
+
+
+# [d: f16][m: f16][qs: 16 B, lo nibble first]; x = d * q + m
+class Q4_1(GroupCodec, qtype=T.Q4_1):
+    bits = 4
+    symmetric = False
+
+    @classmethod
+    def group_params(cls, groups):
+        return _minmax_params(groups, 15)
+
+    @classmethod
+    def pack(cls, blocks, d, m):
+        q = _trunc_codes((blocks - m) * _inverse(d) + _F32(0.5), 15)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_nibbles(q)], axis=1)
+
+    @classmethod
+    def decode_blocks(cls, data):
+        q = _unpack_nibbles(data[:, 4:]).astype(_F32)
+        return _f16_value(data[:, :2]) * q + _f16_value(data[:, 2:4])
+
+
+# [d: f16][qh: 4 B, bit j = bit 4 of q[j]][qs: 16 B low nibbles, lo nibble first]; x = d * (q - 16)
+class Q5_0(GroupCodec, qtype=T.Q5_0):
+    bits = 5
+
+    @classmethod
+    def group_params(cls, groups):
+        d = (_signed_absmax(groups) / _F32(-16)).astype(_F32)
+        return d, np.zeros_like(d)
+
+    @classmethod
+    def pack(cls, blocks, d, m):
+        q = _trunc_codes(blocks * _inverse(d) + _F32(16.5), 31)
+        return np.concatenate([_f16_bytes(d), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
+
+    @classmethod
+    def decode_blocks(cls, data):
+        q = _unpack_nibbles(data[:, 6:]) | _unpack_high_bits(data[:, 2:6])
+        return _f16_value(data[:, :2]) * (q.astype(np.int8) - np.int8(16)).astype(_F32)
+
+
+# [d: f16][m: f16][qh: 4 B][qs: 16 B]; x = d * q + m
+class Q5_1(GroupCodec, qtype=T.Q5_1):
+    bits = 5
+    symmetric = False
+
+    @classmethod
+    def group_params(cls, groups):
+        return _minmax_params(groups, 31)
+
+    @classmethod
+    def pack(cls, blocks, d, m):
+        q = _trunc_codes((blocks - m) * _inverse(d) + _F32(0.5), 31)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
+
+    @classmethod
+    def decode_blocks(cls, data):
+        q = _unpack_nibbles(data[:, 8:]) | _unpack_high_bits(data[:, 4:8])
+        return _f16_value(data[:, :2]) * q.astype(_F32) + _f16_value(data[:, 2:4])
+
+
+# [d: f16][qs: 32 x int8]; x = d * q
+class Q8_0(GroupCodec, qtype=T.Q8_0):
+    bits = 8
+
+    @classmethod
+    def group_params(cls, groups):
+        d = (np.abs(groups).max(axis=-1, keepdims=True) / _F32(127)).astype(_F32)
+        return d, np.zeros_like(d)
+
+    @classmethod
+    def pack(cls, blocks, d, m):
+        v = blocks * _inverse(d)
+        # roundf (halves away from zero), exact: adding 0.5 in float32 could round 0.49999997 up
+        a = np.abs(v)
+        q = np.sign(v) * (np.floor(a) + np.floor(_F32(2) * (a - np.floor(a))))
+        return np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+
+    @classmethod
+    def decode_blocks(cls, data):
+        return _f16_value(data[:, :2]) * data[:, 2:].view(np.int8).astype(_F32)

@@ -1,0 +1,115 @@
+"""The quantization plan: every tensor of the output, its GGUF name, shape, type and group, in file order.
+
+The plan is known before any weight is read (shapes come from the safetensors headers), so the GGUF
+header can be written first and tensor data streamed after it, layer by layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .arch import ArchSpec
+from .arch.hparams import head_dim, rope_parameters
+from .codecs import REGISTRY, GroupCodec
+from .config import QuantConfig
+from .errors import SourceError
+from .source import Checkpoint
+
+log = logging.getLogger(__name__)
+
+# A type whose blocks do not tile a row falls back to the next type that stores it (llama-quantize
+# does the same in `llama_tensor_get_type`); every legacy type has 32-value blocks, so that is F16.
+FALLBACK = {"Q4_0": "F16", "Q4_1": "F16", "Q5_0": "F16", "Q5_1": "F16", "Q8_0": "F16"}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor.
+
+    Attributes:
+        name: GGUF tensor name (``blk.3.attn_q.weight``).
+        source: checkpoint tensor name, or None for tensors llmq computes (``rope_freqs.weight``).
+        shape: numpy shape ``(rows, row_length)`` (GGUF lists it reversed).
+        codec: GGUF type name.
+        group: values sharing one scale in a row (the block size unless group-wise).
+        layer: decoder layer index, None for tensors outside the layers.
+        role: ``embed``, ``output``, ``norm``, ``linear``, ``bias`` or ``rope_freqs``.
+        note: why the type differs from the one asked for, if it does.
+    """
+
+    name: str
+    source: str | None
+    shape: tuple[int, ...]
+    codec: str
+    group: int
+    layer: int | None
+    role: str
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return REGISTRY[self.codec].nbytes(self.shape)
+
+    @property
+    def n_params(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _choose(shape: tuple[int, ...], want: str, group: int) -> tuple[str, int, str]:
+    codec = REGISTRY[want]
+    if codec.can_store(shape):
+        if not issubclass(codec, GroupCodec):
+            return want, codec.block_size, ""
+        g = shape[-1] if group == -1 else group
+        note = f"last group of each row holds {shape[-1] % g}" if shape[-1] % g else ""
+        return want, g, note
+    fallback = FALLBACK.get(want, "F16")
+    return fallback, 1, f"row of {shape[-1]} is not a multiple of {codec.block_size}: {want} -> {fallback}"
+
+
+def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[TensorPlan]:
+    """List every output tensor in file order: embeddings, decoder layers, final norm, output.
+
+    Raises:
+        SourceError: when a tensor the architecture needs is missing from the checkpoint.
+    """
+    config = ckpt.config
+    n_layers = int(getattr(config, arch.n_layers_key))
+    tmap = arch.tensor_name_map(n_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for needed in (arch.embed, arch.final_norm) + (() if tied else (arch.lm_head,)):
+        if needed not in ckpt:
+            raise SourceError(f"{ckpt.path}: tensor {needed} is missing from the checkpoint")
+
+    def plan(source: str, layer: int | None) -> TensorPlan | None:
+        name = tmap.get_name(source, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            log.warning("skipping %s: no GGUF name for it in the %s architecture", source, arch.model_type)
+            return None
+        shape = ckpt.shape(source)
+        if source == arch.embed or source == arch.lm_head:
+            role, want, group = ("embed" if source == arch.embed else "output"), cfg.embedding_codec_name, 32
+        elif len(shape) == 1:
+            role, want, group = ("bias" if source.endswith(".bias") else "norm"), "F32", 1
+        else:
+            role, want, group = "linear", cfg.codec_name, cfg.group
+        codec, group, note = _choose(shape, want, group)
+        return TensorPlan(name, source, shape, codec, group, layer, role, note)
+
+    plans = [plan(arch.embed, None)]
+    if rope_parameters(config)["rope_type"] == "llama3":  # Llama 3.1 scaling: llama.cpp reads the factors
+        plans.append(TensorPlan("rope_freqs.weight", None, (head_dim(config) // 2,), "F32", 1, None, "rope_freqs"))
+    for i in range(n_layers):
+        prefix = arch.layer_prefix.format(i=i)
+        sources = [s for s in ckpt.names() if s.startswith(prefix)]
+        if not sources:
+            raise SourceError(f"{ckpt.path}: decoder layer {i} ({prefix}*) has no tensors in the checkpoint")
+        plans += [plan(s, i) for s in sorted(sources)]
+    plans.append(plan(arch.final_norm, None))
+    if not tied:
+        plans.append(plan(arch.lm_head, None))
+    return [p for p in plans if p is not None]

@@ -1,0 +1,82 @@
+"""Materialize a model one decoder layer at a time, as transformers' own modules.
+
+The layer skeleton is built on the meta device (`accelerate.init_empty_weights`), then its
+parameters are assigned from the checkpoint; nothing of other layers is ever resident.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from .arch import ArchSpec
+from .errors import SourceError
+from .source import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class LayerStream:
+    """Decoder layers of a checkpoint, built on demand.
+
+    Args:
+        ckpt: the opened checkpoint.
+        arch: its architecture spec.
+        dtype: dtype the layer's parameters are cast to (float32 for CPU search and encoding).
+
+    Example:
+        >>> stream = LayerStream(ckpt, arch)
+        >>> for i, layer in stream:      # layer i is a transformers LlamaDecoderLayer
+        ...     ...                      # drop it before the next one loads
+    """
+
+    def __init__(self, ckpt: Checkpoint, arch: ArchSpec, *, dtype: torch.dtype = torch.float32) -> None:
+        self.ckpt = ckpt
+        self.arch = arch
+        self.dtype = dtype
+        self.n_layers = int(getattr(ckpt.config, arch.n_layers_key))
+        self._cls = arch.layer_class()
+        if getattr(ckpt.config, "_attn_implementation", None) is None:
+            ckpt.config._attn_implementation = "eager"  # modules built directly need an attention backend
+
+    def layer_sources(self, i: int) -> dict[str, str]:
+        """Map parameter name within layer ``i`` -> checkpoint tensor name."""
+        prefix = self.arch.layer_prefix.format(i=i)
+        return {n[len(prefix) :]: n for n in self.ckpt.names() if n.startswith(prefix)}
+
+    def load(self, i: int) -> nn.Module:
+        """Build decoder layer ``i`` and fill it from the checkpoint."""
+        with init_empty_weights():
+            layer = self._cls(self.ckpt.config, layer_idx=i)
+        expected = set(layer.state_dict())
+        sources = self.layer_sources(i)
+        missing = sorted(expected - set(sources))
+        if missing:
+            raise SourceError(
+                f"{self.ckpt.path}: layer {i} lacks {', '.join(self.arch.layer_prefix.format(i=i) + m for m in missing)}"
+            )
+        for extra in sorted(set(sources) - expected):  # e.g. rotary inv_freq buffers of old checkpoints
+            log.debug("ignoring %s: not a parameter of %s", sources[extra], self._cls.__name__)
+        state = {}
+        for name in expected:
+            t = self.ckpt.get(sources[name])
+            want = layer.state_dict()[name].shape
+            if tuple(t.shape) != tuple(want):
+                raise SourceError(
+                    f"{self.ckpt.path}: tensor {sources[name]} has shape {tuple(t.shape)}, "
+                    f"config.json implies {tuple(want)}"
+                )
+            state[name] = t.to(self.dtype)
+        layer.load_state_dict(state, assign=True, strict=True)
+        return layer.eval()
+
+    def __iter__(self) -> Iterator[tuple[int, nn.Module]]:
+        for i in range(self.n_layers):
+            yield i, self.load(i)
+
+    def __len__(self) -> int:
+        return self.n_layers

@@ -1,0 +1,101 @@
+"""Stream tensors into a GGUF file through `gguf.GGUFWriter`: header first, then data as produced.
+
+The file is written under a temporary name beside the target and renamed into place only once
+complete, so an interrupted conversion never leaves a file that looks whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+
+import gguf
+import numpy as np
+
+from ..codecs import REGISTRY
+from ..errors import OutputExistsError
+from ..plan import TensorPlan
+
+
+def check_output(path: Path, *, overwrite: bool) -> None:
+    """Fail before any work when the output exists (or its directory does not)."""
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: output already exists (pass --force to overwrite)")
+    if not path.parent.is_dir():
+        raise OutputExistsError(f"{path.parent}: output directory does not exist")
+
+
+class GGUFStreamWriter:
+    """Write a GGUF file tensor by tensor, in the order of a plan.
+
+    Args:
+        path: final output path.
+        arch: GGUF architecture name (``"llama"``).
+        overwrite: replace an existing file at ``path``.
+
+    Example:
+        >>> with GGUFStreamWriter(out, "llama") as w:
+        ...     w.gguf.add_block_count(2)            # metadata through gguf-py's writer
+        ...     w.begin(plans)                       # header, metadata and tensor infos
+        ...     for plan in plans:
+        ...         w.write(plan, encoded_bytes)     # data, in plan order
+        ...     w.commit()                           # renamed into place
+        >>> # on an exception (or without commit) the temporary file is removed
+    """
+
+    def __init__(self, path: str | os.PathLike[str], arch: str, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        check_output(self.path, overwrite=overwrite)
+        self.overwrite = overwrite
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self.gguf = gguf.GGUFWriter(self.tmp, arch)
+        self._pending: list[TensorPlan] = []
+        self._began = False
+        self._done = False
+
+    def begin(self, plans: list[TensorPlan]) -> None:
+        """Declare every tensor, then write header, key/values and tensor infos."""
+        for p in plans:
+            codec = REGISTRY[p.codec]
+            # element shape with a non-uint8 dtype: gguf-py then records the shape as given
+            self.gguf.add_tensor_info(p.name, p.shape, np.dtype(np.float32), codec.nbytes(p.shape), codec.qtype)
+        self.gguf.write_header_to_file()
+        self.gguf.write_kv_data_to_file()
+        self.gguf.write_ti_data_to_file()
+        self._pending = list(plans)
+        self._began = True
+
+    def write(self, plan: TensorPlan, data: np.ndarray) -> None:
+        """Append one tensor's bytes; tensors must come in plan order."""
+        assert self._began and self._pending, "write() before begin() or past the last tensor"
+        expected = self._pending.pop(0)
+        assert expected.name == plan.name, f"tensor {plan.name} written out of order (expected {expected.name})"
+        data = np.ascontiguousarray(data).view(np.uint8)
+        assert data.nbytes == plan.nbytes, (plan.name, data.nbytes, plan.nbytes)
+        self.gguf.write_tensor_data(data)
+
+    def commit(self) -> Path:
+        """Close the file and move it into place."""
+        assert self._began and not self._pending, f"{len(self._pending)} tensors were never written"
+        self.gguf.close()
+        if self.path.exists() and not self.overwrite:
+            raise OutputExistsError(f"{self.path}: appeared while converting; result left at {self.tmp}")
+        os.replace(self.tmp, self.path)
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file."""
+        self.gguf.close()
+        self.tmp.unlink(missing_ok=True)
+        self._done = True
+
+    def __enter__(self) -> GGUFStreamWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._done:  # an exception, or a caller that never committed: leave nothing behind
+            self.abort()

@@ -1,0 +1,88 @@
+"""Tiny random-weight Hugging Face checkpoints built inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+    "Numbers like 12345 and 678 appear in text, as do symbols: (a + b) * c = d; "
+) * 20
+
+
+def make_tokenizer(out: Path, vocab_size: int = 320) -> int:
+    """Train a small byte-level BPE tokenizer into ``out``; return its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS], trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
+    return tok.get_vocab_size()
+
+
+def make_tiny_llama(
+    out: Path,
+    *,
+    n_layers: int = 2,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 256,
+    tie: bool = True,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    rope_scaling: dict | None = None,
+) -> Path:
+    """Save a random `LlamaForCausalLM` checkpoint (safetensors, optionally sharded) with a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = make_tokenizer(out)
+    kwargs = {} if rope_scaling is None else {"rope_scaling": rope_scaling}
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        **kwargs,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms away from 1 so their handling is visible in outputs
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    model = model.to(dtype)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kw)
+    return out
