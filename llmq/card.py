@@ -42,8 +42,15 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def render_card(result: ConvertResult, *, model_dir: Path, src: str, cfg: QuantConfig, command: str | None,
-                quality: str | None = None) -> str:
+def render_card(
+    result: ConvertResult,
+    *,
+    model_dir: Path,
+    src: str,
+    cfg: QuantConfig,
+    command: str | None,
+    quality: str | None = None,
+) -> str:
     """The card's Markdown text (YAML front matter as on the Hugging Face hub)."""
     from . import __version__
 
@@ -53,7 +60,9 @@ def render_card(result: ConvertResult, *, model_dir: Path, src: str, cfg: QuantC
         row[0] += 1
         row[1] += p.n_params
         row[2] += p.nbytes
-    rows = "\n".join(f"| {t} | {n} | {params:,} | {_human(b)} |" for t, (n, params, b) in sorted(by_type.items()))
+    rows = "\n".join(
+        f"| {t} | {n} | {params:,} | {_human(b)} |" for t, (n, params, b) in sorted(by_type.items())
+    )
     base = src if "/" in src and not Path(src).exists() else Path(src).name
     group = cfg.group
     group_text = "per output row" if group == -1 else f"groups of {group}"
@@ -84,7 +93,9 @@ def card_path(out: Path) -> Path:
     return out.with_suffix(".md")
 
 
-def write_card(result: ConvertResult, *, model_dir: Path, src: str, cfg: QuantConfig, command: str | None) -> Path:
+def write_card(
+    result: ConvertResult, *, model_dir: Path, src: str, cfg: QuantConfig, command: str | None
+) -> Path:
     """Write ``<out>.md`` atomically and return its path."""
     path = card_path(result.path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")

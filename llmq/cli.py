@@ -25,7 +25,7 @@ def _convert(args: argparse.Namespace) -> int:
         embed_type=args.embed_type,
         method=args.method,
     )
-    command = "llmq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["convert"] else None
+    command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
         args.src,
         args.output,
@@ -48,7 +48,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmq", description="Weight-only LLM quantizer: HF checkpoint -> GGUF.")
+    parser = argparse.ArgumentParser(
+        prog="llmq", description="Weight-only LLM quantizer: HF checkpoint -> GGUF."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step decides")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -67,16 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--group", type=int, help="values sharing a scale: a multiple of 32, or -1 per output row; default 32"
     )
     c.add_argument("--sym", action="store_true", help="symmetric quantization (no zero-point)")
-    c.add_argument("--embed-type", help="type of token embeddings and output (default Q8_0; F16 for float files)")
+    c.add_argument(
+        "--embed-type", help="type of token embeddings and output (default Q8_0; F16 for float files)"
+    )
     c.add_argument("--method", default="rtn", help="search before encoding: rtn (round to nearest)")
     c.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
-    c.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (trusted sources)")
+    c.add_argument(
+        "--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (trusted sources)"
+    )
     c.add_argument("--no-card", action="store_true", help="do not write the model card OUT.md")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_convert)
 
-    i = sub.add_parser("inspect", help="show a GGUF file's metadata and tensors",
-                       description="Metadata summary, per-tensor type/shape/bytes and bits per weight.")
+    i = sub.add_parser(
+        "inspect",
+        help="show a GGUF file's metadata and tensors",
+        description="Metadata summary, per-tensor type/shape/bytes and bits per weight.",
+    )
     i.add_argument("file", help="a .gguf file")
     i.add_argument("--no-tensors", action="store_true", help="only metadata and the per-type summary")
     i.set_defaults(func=_inspect)
@@ -84,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    args.argv = argv
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         return int(args.func(args))
     except LlmqError as e:

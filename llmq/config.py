@@ -52,7 +52,9 @@ class QuantConfig:
             object.__setattr__(self, "quant", self.quant.upper())
             get_codec(self.quant)
             if self.group_size != 32 and self.group_size != get_codec(self.quant).block_size:
-                raise FormatError(f"--quant {self.quant} fixes the block layout; drop --group {self.group_size}")
+                raise FormatError(
+                    f"--quant {self.quant} fixes the block layout; drop --group {self.group_size}"
+                )
         else:
             if not 2 <= self.bits <= 8:
                 raise FormatError(f"--bits {self.bits}: choose 2..8")

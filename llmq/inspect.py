@@ -88,8 +88,10 @@ def format_info(info: GGUFInfo, *, tensors: bool = True) -> str:
     lines += ["", f"{'type':6s} {'tensors':>8s} {'parameters':>14s} {'MiB':>9s} {'bits/weight':>11s}"]
     for t, (n, params, nbytes) in info.by_type().items():
         lines.append(f"{t:6s} {n:8d} {params:14,d} {nbytes / 2**20:9.2f} {8 * nbytes / params:11.2f}")
-    lines.append(f"{'total':6s} {len(info.tensors):8d} {info.n_params:14,d} "
-                 f"{sum(t.nbytes for t in info.tensors) / 2**20:9.2f} {info.bits_per_weight:11.2f}")
+    lines.append(
+        f"{'total':6s} {len(info.tensors):8d} {info.n_params:14,d} "
+        f"{sum(t.nbytes for t in info.tensors) / 2**20:9.2f} {info.bits_per_weight:11.2f}"
+    )
     if tensors:
         lines += ["", f"{'tensor':40s} {'type':6s} {'shape':>16s} {'bytes':>12s}"]
         for t in info.tensors:

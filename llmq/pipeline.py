@@ -24,7 +24,6 @@ from .stream import LayerStream
 from .writers import GGUFStreamWriter, check_output
 from .writers.metadata import add_general, add_hparams
 
-
 log = logging.getLogger(__name__)
 
 
@@ -63,9 +62,13 @@ def default_output(src: str | os.PathLike[str], cfg: QuantConfig) -> Path:
     return Path(f"{name}-{cfg.label}.gguf")
 
 
-def to_gguf_layout(plan: TensorPlan, arch: ArchSpec, config: object, t: torch.Tensor) -> np.ndarray:
-    """Float32 values in llama.cpp's layout: rotary rows un-permuted, norm offsets applied."""
-    x = t.detach().to(torch.float32).numpy()
+# Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,
+# so a 128k-vocabulary embedding does not multiply into gigabytes of scratch.
+CHUNK_VALUES = 1 << 21
+
+
+def to_gguf_layout(plan: TensorPlan, arch: ArchSpec, config: object, t: torch.Tensor) -> torch.Tensor:
+    """The tensor in llama.cpp's layout: rotary rows un-permuted, norm offsets applied (dtype kept)."""
     module = ""
     if plan.source is not None and plan.layer is not None:
         module = plan.source.removeprefix(arch.layer_prefix.format(i=plan.layer)).rsplit(".", 1)[0]
@@ -73,18 +76,23 @@ def to_gguf_layout(plan: TensorPlan, arch: ArchSpec, config: object, t: torch.Te
     if heads_key is not None:
         # HF keeps each head's rotary halves apart; llama.cpp wants them interleaved in pairs
         n_head = int(getattr(config, heads_key))
-        x = x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+        t = t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
     if plan.role == "norm" and arch.norm_offset:
-        x = x + np.float32(arch.norm_offset)
-    return np.ascontiguousarray(x, dtype=np.float32)
+        t = t.float() + arch.norm_offset
+    return t.detach()
 
 
-def encode(plan: TensorPlan, x: np.ndarray) -> np.ndarray:
-    """The bytes of one tensor in its planned type and grouping."""
+def encode(plan: TensorPlan, t: torch.Tensor) -> np.ndarray:
+    """The bytes of one tensor in its planned type and grouping, encoded a slab of rows at a time."""
     codec = REGISTRY[plan.codec]
-    if issubclass(codec, GroupCodec) and plan.group != codec.block_size:
-        return codec.encode_grouped(x, plan.group)
-    return codec.encode(x)
+    grouped = issubclass(codec, GroupCodec) and plan.group != codec.block_size
+    rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
+    out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
+    step = max(1, CHUNK_VALUES // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
+        out[start : start + step] = codec.encode_grouped(x, plan.group) if grouped else codec.encode(x)
+    return out
 
 
 def convert(
@@ -132,28 +140,42 @@ def convert(
             log.info("%s: %s", p.name, p.note)
 
     with GGUFStreamWriter(out_path, arch.gguf_arch_name, overwrite=overwrite) as w:
-        add_general(w.gguf, model_dir, name=Path(str(src)).name, n_params=sum(p.n_params for p in plans),
-                    codec_name=cfg.codec_name)
+        add_general(
+            w.gguf,
+            model_dir,
+            name=Path(str(src)).name,
+            n_params=sum(p.n_params for p in plans),
+            codec_name=cfg.codec_name,
+        )
         add_hparams(w.gguf, ckpt.config, stream.n_layers)
         from .writers.tokenizer import add_tokenizer
 
         add_tokenizer(w.gguf, model_dir)
         w.begin(plans)
-        bar = tqdm(total=stream.n_layers, desc=f"{cfg.method} {cfg.label}", unit="layer", disable=not progress)
+        bar = tqdm(
+            total=stream.n_layers, desc=f"{cfg.method} {cfg.label}", unit="layer", disable=not progress
+        )
         for index, group in itertools.groupby(plans, key=lambda p: p.layer):
             if index is None:  # embeddings, final norm, output: read straight from the checkpoint
                 for p in group:
-                    t = torch.from_numpy(llama3_rope_factors(ckpt.config)) if p.source is None else ckpt.get(p.source)
+                    t = (
+                        torch.from_numpy(llama3_rope_factors(ckpt.config))
+                        if p.source is None
+                        else ckpt.get(p.source)
+                    )
                     w.write(p, encode(p, to_gguf_layout(p, arch, ckpt.config, t)))
+                    del t
+                ckpt.release()
                 continue
-            layer = stream.load(index)                                   # materialize one layer
-            search.run(layer, index, None, arch, cfg)                    # search (scales, clip) in place
+            layer = stream.load(index)  # materialize one layer
+            search.run(layer, index, None, arch, cfg)  # search (scales, clip) in place
             params = layer.state_dict()
             prefix = arch.layer_prefix.format(i=index)
-            for p in group:                                              # quantize + write
+            for p in group:  # quantize + write
                 x = to_gguf_layout(p, arch, ckpt.config, params[p.source.removeprefix(prefix)])
                 w.write(p, encode(p, x))
-            del layer, params                                            # free before the next layer
+            del layer, params  # free before the next layer
+            ckpt.release()
             bar.update(1)
         bar.close()
         w.commit()
@@ -163,7 +185,10 @@ def convert(
         from .card import write_card as _write_card
 
         result = ConvertResult(
-            out_path, tuple(plans), result.seconds, result.source_nbytes,
+            out_path,
+            tuple(plans),
+            result.seconds,
+            result.source_nbytes,
             _write_card(result, model_dir=model_dir, src=str(src), cfg=cfg, command=command),
         )
     return result

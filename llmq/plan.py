@@ -102,7 +102,9 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[Ten
 
     plans = [plan(arch.embed, None)]
     if rope_parameters(config)["rope_type"] == "llama3":  # Llama 3.1 scaling: llama.cpp reads the factors
-        plans.append(TensorPlan("rope_freqs.weight", None, (head_dim(config) // 2,), "F32", 1, None, "rope_freqs"))
+        plans.append(
+            TensorPlan("rope_freqs.weight", None, (head_dim(config) // 2,), "F32", 1, None, "rope_freqs")
+        )
     for i in range(n_layers):
         prefix = arch.layer_prefix.format(i=i)
         sources = [s for s in ckpt.names() if s.startswith(prefix)]

@@ -50,7 +50,9 @@ def resolve_source(src: str | os.PathLike[str], *, allow_pickle: bool = False) -
     try:
         return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # network, auth, offline cache miss: all one message for the user
-        raise SourceError(f"{text}: could not fetch from the Hugging Face hub ({type(e).__name__}: {e})") from e
+        raise SourceError(
+            f"{text}: could not fetch from the Hugging Face hub ({type(e).__name__}: {e})"
+        ) from e
 
 
 class Checkpoint:
@@ -74,6 +76,7 @@ class Checkpoint:
         if self._pickled is None:  # open every shard now: a truncated one fails before any work
             for file in sorted(set(self.weight_map.values())):
                 self._open(file)
+            self.release()
 
     # -- discovery -----------------------------------------------------------------------------
     def _load_config(self) -> Any:
@@ -110,7 +113,9 @@ class Checkpoint:
         if bins:
             self._pickled = {}
             for b in bins:
-                self._pickled.update(torch.load(self.path / b, map_location="cpu", weights_only=True, mmap=True))
+                self._pickled.update(
+                    torch.load(self.path / b, map_location="cpu", weights_only=True, mmap=True)
+                )
             return {name: "<pickle>" for name in self._pickled}
         raise SourceError(f"{self.path}: no *.safetensors weights found")
 
@@ -123,6 +128,10 @@ class Checkpoint:
                 raise SourceError(f"{self.path / file}: unreadable safetensors file ({e})") from e
             self._handles[file] = handle
         return handle
+
+    def release(self) -> None:
+        """Unmap the shards: pages read through the memory map count as resident until then."""
+        self._handles.clear()
 
     # -- access --------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -168,4 +177,6 @@ class Checkpoint:
         if self._pickled is not None:
             return self._pickled[name].element_size()
         dtype = self._handle_for(name).get_slice(name).get_dtype()
-        return {"F64": 8, "F32": 4, "I64": 8, "I32": 4}.get(dtype, 2 if dtype in ("F16", "BF16", "I16") else 1)
+        return {"F64": 8, "F32": 4, "I64": 8, "I32": 4}.get(
+            dtype, 2 if dtype in ("F16", "BF16", "I16") else 1
+        )

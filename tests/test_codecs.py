@@ -22,7 +22,11 @@ def _cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
     extreme[3] *= 1.5e4  # scales and mins near the f16 maximum
     extreme[4, ::2] = -extreme[4, 1::2]  # ties in |max| with opposite signs
     extreme[5, 7] = 50.0  # one outlier
-    return {"normal": normal, "extreme": extreme, "halves": (rng.integers(-16, 16, (8, 64)) / 2).astype(np.float32)}
+    return {
+        "normal": normal,
+        "extreme": extreme,
+        "halves": (rng.integers(-16, 16, (8, 64)) / 2).astype(np.float32),
+    }
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -80,10 +84,14 @@ def test_grouped_blocks_share_parameters_and_match_group_rtn(name: str, group: i
             assert (params == params[0]).all(), "blocks of one group must carry the same scale"
             # the group's values are exactly llama.cpp's RTN of the group taken as one wide block
             d, m = codec.group_params(x[row : row + 1, s:e])
-            ref = codec.pack(x[row, s:e].reshape(-1, 32), np.repeat(d, (e - s) // 32, 0), np.repeat(m, (e - s) // 32, 0))
+            ref = codec.pack(
+                x[row, s:e].reshape(-1, 32), np.repeat(d, (e - s) // 32, 0), np.repeat(m, (e - s) // 32, 0)
+            )
             assert np.array_equal(blocks[row, s // 32 : e // 32], ref)
     # decoding needs nothing but the standard block decoder
-    np.testing.assert_array_equal(codec.decode(data, x.shape), quants.dequantize(data, codec.qtype).reshape(x.shape))
+    np.testing.assert_array_equal(
+        codec.decode(data, x.shape), quants.dequantize(data, codec.qtype).reshape(x.shape)
+    )
 
 
 def test_group_equal_to_block_is_plain_encoding() -> None:

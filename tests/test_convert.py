@@ -40,7 +40,10 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def read(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     r = GGUFReader(path)
     return {
-        t.name: (t.tensor_type.name, quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape))))
+        t.name: (
+            t.tensor_type.name,
+            quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape))),
+        )
         for t in r.tensors
     }
 
@@ -57,8 +60,12 @@ def test_every_type_writes_a_gguf_holding_the_weights(tiny: Path, tmp_path: Path
     assert "output.weight" not in tensors and len(tensors) == 2 * 9 + 2
     codec = REGISTRY[name]
     for i in range(2):
-        for hf_name, gguf_name in [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
-                                   ("self_attn.v_proj", "attn_v"), ("mlp.down_proj", "ffn_down")]:
+        for hf_name, gguf_name in [
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("mlp.down_proj", "ffn_down"),
+        ]:
             typ, w = tensors[f"blk.{i}.{gguf_name}.weight"]
             assert typ == name
             if gguf_name in ("attn_q", "attn_k"):
@@ -122,8 +129,14 @@ def test_metadata(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_llama3_rope_scaling_writes_rope_freqs(tmp_path: Path) -> None:
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
     model = make_tiny_llama(tmp_path / "l3", rope_scaling=scaling)
     out = tmp_path / "l3.gguf"
     llmq.convert(model, out, llmq.QuantConfig(quant="Q8_0"), progress=False)
@@ -132,7 +145,9 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path: Path) -> None:
     assert freqs[0] == 1.0 and freqs[-1] == 8.0  # short wavelengths kept, long ones stretched
 
 
-def test_only_one_layer_resident_with_sharded_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_one_layer_resident_with_sharded_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = make_tiny_llama(tmp_path / "sharded", n_layers=4, max_shard_size="100KB")
     assert len(list(model.glob("*.safetensors"))) > 4, "fixture should be sharded"
     live: list[tuple[int, weakref.ref]] = []
@@ -173,4 +188,10 @@ def test_group_larger_than_row_remainder_is_ragged(tmp_path: Path) -> None:
 
 
 def test_group_codecs_registry_covers_gguf_legacy_types() -> None:
-    assert {n for n, c in REGISTRY.items() if issubclass(c, GroupCodec)} >= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+    assert {n for n, c in REGISTRY.items() if issubclass(c, GroupCodec)} >= {
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+    }

@@ -29,7 +29,9 @@ def assert_clean_failure(code: int, err: str, out_dir: Path, *needles: str) -> N
     assert len(lines) == 1 and lines[0].startswith("llmq: error:"), err
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert not [p for p in out_dir.iterdir() if p.suffix in (".gguf", ".md", ".partial")], list(out_dir.iterdir())
+    assert not [p for p in out_dir.iterdir() if p.suffix in (".gguf", ".md", ".partial")], list(
+        out_dir.iterdir()
+    )
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -87,7 +89,9 @@ def test_options_the_format_cannot_hold(
     assert_clean_failure(code, err, tmp_path, needle)
 
 
-def test_existing_output_is_not_overwritten(sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_is_not_overwritten(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "x.gguf"
     out.write_bytes(b"precious")
     code, err = run(["convert", str(sharded), "-o", str(out), "-q"], capsys)
@@ -97,7 +101,9 @@ def test_existing_output_is_not_overwritten(sharded: Path, tmp_path: Path, capsy
     assert out.read_bytes()[:4] == b"GGUF"
 
 
-def test_pickle_checkpoint_refused_unless_allowed(sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pickle_checkpoint_refused_unless_allowed(
+    sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
     from safetensors.torch import load_file
 

@@ -77,7 +77,7 @@ def make_tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # norms away from 1 so their handling is visible in outputs
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:

