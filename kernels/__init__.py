@@ -2,4 +2,39 @@
 
 Installed under the llmq namespace on purpose: a top-level ``kernels`` module would shadow the
 Hugging Face package of that name, which transformers probes for.
+
+Formats live in ``FORMATS``, keyed by name: the GGUF block types (``Q4_0``, ``Q4_1``, ``Q5_0``,
+``Q5_1``, ``Q8_0``, ``F16``, ``BF16``, ``F32``) and AutoAWQ's packed int4 (``AWQ_INT4``). Adding a
+format is one ``KernelFormat`` subclass (``prepare``/``take_rows``/``decode_into``, or just
+``decode_blocks`` for a GGUF type); declaring it registers it, and the tests loop over ``FORMATS``.
+A format may also offer a faster permuted layout for matmul (``decode_for_matmul`` with
+``x_order``/``y_order``; ``decode_blocks_t`` for a GGUF type), which the tests check value for value.
+
+Example:
+    >>> from llmq.kernels import FORMATS, dequantize, matmul, pack_awq
+    >>> w = dequantize(raw_bytes, "Q4_0", (n, k))              # float32 (n, k)
+    >>> y = matmul(x, raw_bytes, "Q4_0", (n, k), tile_rows=256)  # == x @ w.T, w never whole
+    >>> p = pack_awq(w, group_size=128); y = matmul(x, p, "AWQ_INT4", (n, k))
 """
+
+from __future__ import annotations
+
+from .awq import AWQ_ORDER, AWQInt4, AWQPacked, pack_awq
+from .base import FORMATS, KernelFormat, get_format
+from .gguf_blocks import GGUFBlockFormat
+from .ops import DEFAULT_TILE_ROWS, dequantize, matmul, row_slice
+
+__all__ = [
+    "AWQ_ORDER",
+    "DEFAULT_TILE_ROWS",
+    "FORMATS",
+    "AWQInt4",
+    "AWQPacked",
+    "GGUFBlockFormat",
+    "KernelFormat",
+    "dequantize",
+    "get_format",
+    "matmul",
+    "pack_awq",
+    "row_slice",
+]

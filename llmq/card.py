@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING
 
 from .config import QuantConfig
+from .inspect import summarize_types
 
 if TYPE_CHECKING:
     from .pipeline import ConvertResult
@@ -54,15 +54,8 @@ def render_card(
     """The card's Markdown text (YAML front matter as on the Hugging Face hub)."""
     from . import __version__
 
-    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for p in result.plans:
-        row = by_type[p.codec]
-        row[0] += 1
-        row[1] += p.n_params
-        row[2] += p.nbytes
-    rows = "\n".join(
-        f"| {t} | {n} | {params:,} | {_human(b)} |" for t, (n, params, b) in sorted(by_type.items())
-    )
+    by_type = summarize_types((p.codec, p.n_params, p.nbytes) for p in result.plans)
+    rows = "\n".join(f"| {t} | {n} | {params:,} | {_human(b)} |" for t, (n, params, b) in by_type.items())
     base = src if "/" in src and not Path(src).exists() else Path(src).name
     group = cfg.group
     group_text = "per output row" if group == -1 else f"groups of {group}"

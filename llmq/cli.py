@@ -1,12 +1,14 @@
-"""Command line: ``llmq convert`` and ``llmq inspect``."""
+"""Command line: ``llmq convert``, ``llmq inspect`` and ``llmq eval``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import QuantConfig
 from .errors import LlmqError
@@ -44,6 +46,45 @@ def _inspect(args: argparse.Namespace) -> int:
     from .inspect import format_info, inspect_gguf
 
     print(format_info(inspect_gguf(args.file), tensors=not args.no_tensors))
+    return 0
+
+
+# Where the project keeps WikiText-2 (the shared data folder beside the repo), relative to the CWD.
+DEFAULT_TEXT = Path("../shared/data/wikitext-2-raw/wiki.test.raw")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval.backends import BACKENDS
+
+    for option, value in (("--backend", args.backend), ("--ref-backend", args.ref_backend)):
+        if value not in BACKENDS:  # checked before llama.cpp and torch load
+            raise LlmqError(f"unknown backend {value!r} ({option}); choose one of {', '.join(BACKENDS)}")
+    text = Path(args.text) if args.text is not None else DEFAULT_TEXT
+    if not text.is_file():
+        if args.text is None:
+            raise LlmqError(f"no evaluation text: {DEFAULT_TEXT} does not exist here; pass --text FILE")
+        raise LlmqError(f"--text: file not found: {text}")
+    from .eval.evaluation import evaluate
+
+    result = evaluate(
+        args.model,
+        text,
+        ref=args.ref,
+        backend=args.backend,
+        ref_backend=args.ref_backend,
+        n_chunks=args.chunks,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        progress=not args.quiet,
+    )
+    # With --json -, stdout carries only the JSON; the report goes to stderr.
+    print(result.report(), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json is not None:
+        payload = json.dumps(result.to_dict(), indent=2)
+        if args.json == "-":
+            print(payload)
+        else:
+            Path(args.json).write_text(payload + "\n", encoding="utf-8")
     return 0
 
 
@@ -89,6 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", help="a .gguf file")
     i.add_argument("--no-tensors", action="store_true", help="only metadata and the per-type summary")
     i.set_defaults(func=_inspect)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity (and KL divergence against a reference) with llama-perplexity's protocol",
+        description="Perplexity of a Hugging Face checkpoint or a GGUF file on a text, with "
+        "llama-perplexity's protocol (non-overlapping chunks, second half of each scored). With --ref, "
+        "also the KL divergence of the model's token distributions from the reference's and their "
+        "top-1 agreement, as llama-perplexity --kl-divergence reports.",
+    )
+    e.add_argument("model", help="a .gguf file, or a Hugging Face checkpoint directory or hub id")
+    e.add_argument(
+        "--text", metavar="FILE", help=f"UTF-8 evaluation text (default: {DEFAULT_TEXT} if it exists)"
+    )
+    e.add_argument(
+        "--ref",
+        metavar="REF",
+        help="reference model (GGUF or checkpoint) for KL divergence and top-1 agreement",
+    )
+    e.add_argument(
+        "--backend",
+        default="auto",
+        metavar="NAME",
+        help="torch (HF checkpoint), llama.cpp or numpy (GGUF through llmq's reference kernels); "
+        "auto = torch for a checkpoint, llama.cpp for a GGUF",
+    )
+    e.add_argument("--ref-backend", default="auto", metavar="NAME", help="backend of --ref (same choices)")
+    e.add_argument("--chunks", type=int, metavar="N", help="evaluate at most N chunks (default: all)")
+    e.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk (default 512)")
+    e.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT ('-' = stdout)")
+    e.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp and torch")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_eval)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,18 @@ class GGUFInfo:
 
     def by_type(self) -> dict[str, tuple[int, int, int]]:
         """type -> (tensors, parameters, bytes)"""
-        acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-        for t in self.tensors:
-            row = acc[t.type]
-            row[0] += 1
-            row[1] += t.n_params
-            row[2] += t.nbytes
-        return {k: (v[0], v[1], v[2]) for k, v in sorted(acc.items())}
+        return summarize_types((t.type, t.n_params, t.nbytes) for t in self.tensors)
+
+
+def summarize_types(tensors: Iterable[tuple[str, int, int]]) -> dict[str, tuple[int, int, int]]:
+    """(type, parameters, bytes) per tensor -> type -> (tensors, parameters, bytes), sorted by type."""
+    acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for typ, n_params, nbytes in tensors:
+        row = acc[typ]
+        row[0] += 1
+        row[1] += n_params
+        row[2] += nbytes
+    return {k: (v[0], v[1], v[2]) for k, v in sorted(acc.items())}
 
 
 def _value(field: Any) -> Any:

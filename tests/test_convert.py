@@ -195,3 +195,50 @@ def test_group_codecs_registry_covers_gguf_legacy_types() -> None:
         "Q5_1",
         "Q8_0",
     }
+
+
+def test_hub_id_resolves_from_the_offline_cache(tmp_path: Path) -> None:
+    """`llmq convert owner/name` goes through huggingface_hub, honouring HF_HOME and HF_HUB_OFFLINE."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-llama"
+    snap = repo / "snapshots" / ("0123456789abcdef" * 2 + "01234567")
+    make_tiny_llama(snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snap.name)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "llmq", "convert", *args, "-q"]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    done = cli("acme/tiny-llama", "--quant", "Q8_0")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "tiny-llama-Q8_0.gguf"
+    assert out.is_file() and "base_model: acme/tiny-llama" in out.with_suffix(".md").read_text()
+    missing = cli("acme/absent", "--quant", "Q8_0")
+    assert missing.returncode == 2 and "acme/absent" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_cpp_logits_equal_transformers_logits(tmp_path: Path, tie: bool) -> None:
+    """The strongest layout check: llama.cpp running our F32 file computes what transformers computes."""
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_llama(tmp_path / "m", tie=tie, heads=4, kv_heads=2)
+    out = tmp_path / "m.gguf"
+    llmq.convert(model, out, llmq.QuantConfig(quant="F32"), progress=False)
+    names = {t.name for t in GGUFReader(out).tensors}
+    assert ("output.weight" in names) != tie
+    tokens = [1, 40, 77, 120, 5, 230, 64, 99, 150, 11]
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].numpy()
+    llm = Llama(str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=1, n_threads_batch=1)
+    llm.eval(tokens)
+    got = np.asarray(llm.scores[: len(tokens)])
+    np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())

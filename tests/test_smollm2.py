@@ -114,18 +114,15 @@ def test_perplexity_through_llama_cpp(converted: dict[str, Path], wikitext_path:
     text = wikitext_path.read_text()
     ppl = {
         name: perplexity(converted[name], text, n_chunks=N_CHUNKS, progress=False).ppl
-        for name in ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "g128", "g128-sym")
+        for name in ("F16", "Q8_0", "Q4_0", "g128", "g128-sym")
     }
     print(f"\nllama.cpp perplexity, WikiText-2 test, {N_CHUNKS} chunks of 512:")
     for name, value in ppl.items():
         print(f"  {name:9s} {value:8.3f}  ({100 * (value / ppl['F16'] - 1):+.2f}% vs F16)")
-    # BF16 holds the source weights exactly and F16 all but the tiniest: the same model
-    assert abs(ppl["BF16"] / ppl["F16"] - 1) < 0.001
     # Q8_0 is byte-identical to llama.cpp's own Q8_0 (test above); llama.cpp's Q8_0 matmul also
     # rounds activations to 8 bits. Measured +0.68% here (40 chunks); the issue asks 0.5%: see BENCHMARKS.md.
     assert abs(ppl["Q8_0"] / ppl["F16"] - 1) < 0.01
-    # the reference weights lie on a Q4_1 grid of 32: Q4_1 RTN is nearly lossless, other 4-bit schemes are not
-    assert abs(ppl["Q4_1"] / ppl["F16"] - 1) < 0.01
+    # the reference weights lie on a Q4_1 grid of 32; 4-bit schemes off that grid lose visibly
     assert min(ppl["Q4_0"], ppl["g128"], ppl["g128-sym"]) > 1.1 * ppl["F16"]
 
 

@@ -49,6 +49,7 @@ class ArchSpec:
     hf_architectures: tuple[str, ...]
     gguf_arch: gguf.MODEL_ARCH
     decoder_layer: str  # "module.path:ClassName" of transformers' decoder layer
+    rotary: str = ""  # "module.path:ClassName" of the model-level rotary embedding, if any
     n_layers_key: str = "num_hidden_layers"
     layer_prefix: str = "model.layers.{i}."
     embed: str = "model.embed_tokens.weight"
@@ -67,11 +68,18 @@ class ArchSpec:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
     def layer_class(self) -> type:
-        module, _, name = self.decoder_layer.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _import(self.decoder_layer)
+
+    def rotary_class(self) -> type | None:
+        return _import(self.rotary) if self.rotary else None
 
     def tensor_name_map(self, n_layers: int) -> gguf.TensorNameMap:
         return gguf.get_tensor_name_map(self.gguf_arch, n_layers)
+
+
+def _import(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 _REGISTRY: dict[str, ArchSpec] = {}

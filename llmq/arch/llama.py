@@ -12,6 +12,7 @@ LLAMA = register(
         hf_architectures=("LlamaForCausalLM",),
         gguf_arch=gguf.MODEL_ARCH.LLAMA,
         decoder_layer="transformers.models.llama.modeling_llama:LlamaDecoderLayer",
+        rotary="transformers.models.llama.modeling_llama:LlamaRotaryEmbedding",
         rope_permute={
             "self_attn.q_proj": "num_attention_heads",
             "self_attn.k_proj": "num_key_value_heads",

@@ -3,6 +3,10 @@
 A codec turns float32 weights into the exact bytes a GGUF tensor stores, and back. Subclasses
 declare their ggml type and implement `encode_blocks`/`decode_blocks` on `(n_blocks, block_size)`
 float32 arrays and `(n_blocks, type_size)` uint8 arrays; this base class owns reshaping and checks.
+
+Codecs with ``supports_importance`` also implement `encode_blocks_weighted`, llama.cpp's
+importance-matrix path (`quantize_q4_0(..., quant_weights)` and siblings): `encode` validates the
+per-column importance and turns it into per-element weights before handing blocks over.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
+from .quants_math import importance_weights
 
 REGISTRY: dict[str, type[Codec]] = {}
 
@@ -43,6 +48,9 @@ class Codec:
     bits: ClassVar[int]
     symmetric: ClassVar[bool] = True
     is_float: ClassVar[bool] = False
+    # Whether `encode(x, importance)` searches with the importance (else it is validated, then ignored,
+    # as llama.cpp ignores `quant_weights` for Q8_0 and float types).
+    supports_importance: ClassVar[bool] = False
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -59,6 +67,15 @@ class Codec:
     def encode_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         """Encode ``(n_blocks, block_size)`` float32 values into ``(n_blocks, type_size)`` bytes."""
         raise NotImplementedError
+
+    @classmethod
+    def encode_blocks_weighted(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Encode ``(n_blocks, block_size)`` values minimizing the error weighted by ``weights``.
+
+        ``weights`` has the blocks' shape (llama.cpp's per-element ``qw``). Only codecs with
+        ``supports_importance`` implement it.
+        """
+        raise NotImplementedError(f"{cls.name} has no importance-weighted encoder")
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
@@ -95,11 +112,64 @@ class Codec:
             )
 
     @classmethod
-    def encode(cls, x: np.ndarray) -> np.ndarray:
-        """Encode a float tensor ``(..., K)`` into its GGUF bytes ``(..., K / block_size * type_size)``."""
+    def _check_importance(cls, importance: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        imp = np.asarray(importance)
+        k = shape[-1] if shape else 0
+        if imp.shape != (k,):
+            raise FormatError(
+                f"{cls.name}: importance of shape {imp.shape} does not match the rows of tensor shape "
+                f"{tuple(shape)}; expected one value per column, shape ({k},)"
+            )
+        if not np.issubdtype(imp.dtype, np.number) or np.iscomplexobj(imp):
+            raise FormatError(f"{cls.name}: importance must be real numbers, got dtype {imp.dtype}")
+        imp = imp.astype(np.float32)
+        finite = np.isfinite(imp)
+        if not finite.all() or (imp < 0).any():
+            low = imp[finite].min() if finite.any() else float("nan")
+            raise FormatError(
+                f"{cls.name}: importance for tensor shape {tuple(shape)} must be finite and >= 0 "
+                f"(lowest finite value {low}, {int((~finite).sum())} non-finite)"
+            )
+        return imp
+
+    @classmethod
+    def row_weights(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        """Validate per-column ``importance`` ``(K,)`` and return per-element weights of ``x`` ``(..., K)``.
+
+        The weights are llama.cpp's ``importance[j] * sqrt(sigma2 + x[j]^2)``, ``sigma2`` the row's
+        mean square (as in `quantize_row_q4_0_impl`).
+
+        Raises:
+            FormatError: if ``importance`` is not ``(K,)``, not finite, or negative.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        imp = cls._check_importance(importance, x.shape)
+        k = x.shape[-1]
+        return importance_weights(x.reshape(-1, k), imp).reshape(x.shape)
+
+    @classmethod
+    def encode(cls, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """Encode a float tensor ``(..., K)`` into its GGUF bytes ``(..., K / block_size * type_size)``.
+
+        Args:
+            x: float tensor whose rows split into whole blocks.
+            importance: optional per-column importance ``(K,)`` (llama.cpp's imatrix: the mean square
+                of each input column's activations). None gives llama.cpp's reference round-to-nearest
+                bytes; otherwise codecs with ``supports_importance`` run llama.cpp's weighted search.
+
+        Raises:
+            FormatError: if rows do not split into blocks or ``importance`` is malformed.
+        """
         x = np.ascontiguousarray(x, dtype=np.float32)
         cls._check_shape(x.shape)
-        out = cls.encode_blocks(x.reshape(-1, cls.block_size))
+        if importance is None:
+            out = cls.encode_blocks(x.reshape(-1, cls.block_size))
+        elif not cls.supports_importance:
+            cls._check_importance(importance, x.shape)
+            out = cls.encode_blocks(x.reshape(-1, cls.block_size))
+        else:
+            w = cls.row_weights(x, importance)
+            out = cls.encode_blocks_weighted(x.reshape(-1, cls.block_size), w.reshape(-1, cls.block_size))
         assert out.dtype == np.uint8 and out.shape[1] == cls.type_size, (cls.name, out.dtype, out.shape)
         return out.reshape(cls.byte_shape(x.shape))
 
@@ -121,6 +191,9 @@ class GroupCodec(Codec):
     derives from a set of values) and `pack` (quantize blocks with given parameters). A group of
     ``g`` values (a multiple of the block size) is then stored as ``g / block_size`` blocks carrying
     the same parameters, so the file holds exactly the group-wise quantized values.
+
+    Importance-aware subclasses add `search_params` (llama.cpp's weighted search over a set of
+    values, returning parameters and codes) and `pack_codes` (store given codes).
     """
 
     @classmethod
@@ -137,19 +210,48 @@ class GroupCodec(Codec):
         raise NotImplementedError
 
     @classmethod
+    def search_params(
+        cls, groups: np.ndarray, weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Weighted search over ``(n_groups, group_size)`` values: ``(d, m, codes)``.
+
+        ``d``/``m`` are float32 ``(n_groups, 1)`` as in `group_params`; ``codes`` are the stored
+        unsigned codes ``(n_groups, group_size)`` uint8 the search chose (for the unrounded scale, as
+        llama.cpp keeps them).
+        """
+        raise NotImplementedError(f"{cls.name} has no importance-weighted encoder")
+
+    @classmethod
+    def pack_codes(cls, codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Store ``(n_blocks, block_size)`` uint8 codes with per-block ``d``/``m`` ``(n_blocks, 1)``."""
+        raise NotImplementedError
+
+    @classmethod
     def encode_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return cls.pack(blocks, *cls.group_params(blocks))
 
     @classmethod
-    def encode_grouped(cls, x: np.ndarray, group_size: int) -> np.ndarray:
+    def encode_blocks_weighted(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        d, m, codes = cls.search_params(blocks, weights)
+        return cls.pack_codes(codes, d, m)
+
+    @classmethod
+    def encode_grouped(
+        cls, x: np.ndarray, group_size: int, importance: np.ndarray | None = None
+    ) -> np.ndarray:
         """Encode ``(..., K)`` with one scale (and min) per ``group_size`` values of a row.
 
         When ``group_size`` does not divide ``K``, the last group of each row is the remainder
         (itself whole blocks), as a row of 576 splits into 4 groups of 128 and one of 64.
 
+        With ``importance``, each group is encoded as llama.cpp's weighted path would encode one
+        wide block: the search runs over the whole group (weights from the whole row, as in
+        `encode`) and its blocks store the shared ``(d, m)`` and the codes it chose.
+
         Args:
             x: float tensor whose rows split into whole blocks.
             group_size: a multiple of the block size, or -1 for one group per row.
+            importance: optional per-column importance ``(K,)``, as for `encode`.
 
         Returns:
             The GGUF bytes, as `encode` returns them.
@@ -163,19 +265,31 @@ class GroupCodec(Codec):
                 f"{cls.name}: group size {group_size} is not a multiple of the block size {cls.block_size}"
             )
         if g == cls.block_size:
-            return cls.encode(x)
+            return cls.encode(x, importance)
         rows = x.reshape(-1, k)
+        w = None
+        if importance is not None:
+            if cls.supports_importance:
+                w = cls.row_weights(rows, importance)
+            else:
+                cls._check_importance(importance, x.shape)
         full = k - k % g
-        parts = [cls._encode_groups(rows[:, :full], g)] if full else []
+        parts = [cls._encode_groups(rows[:, :full], g, w if w is None else w[:, :full])] if full else []
         if full < k:
-            parts.append(cls._encode_groups(rows[:, full:], k - full))
+            parts.append(cls._encode_groups(rows[:, full:], k - full, w if w is None else w[:, full:]))
         out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return out.reshape(cls.byte_shape(x.shape))
 
     @classmethod
-    def _encode_groups(cls, rows: np.ndarray, g: int) -> np.ndarray:
+    def _encode_groups(cls, rows: np.ndarray, g: int, weights: np.ndarray | None) -> np.ndarray:
         # (n, k) with k % g == 0 -> (n, k / block_size * type_size)
-        d, m = cls.group_params(rows.reshape(-1, g))
         per = g // cls.block_size
-        out = cls.pack(rows.reshape(-1, cls.block_size), np.repeat(d, per, axis=0), np.repeat(m, per, axis=0))
+        if weights is None:
+            d, m = cls.group_params(rows.reshape(-1, g))
+            out = cls.pack(rows.reshape(-1, cls.block_size), np.repeat(d, per, 0), np.repeat(m, per, 0))
+        else:
+            d, m, codes = cls.search_params(rows.reshape(-1, g), weights.reshape(-1, g))
+            out = cls.pack_codes(
+                codes.reshape(-1, cls.block_size), np.repeat(d, per, 0), np.repeat(m, per, 0)
+            )
         return out.reshape(rows.shape[0], -1)

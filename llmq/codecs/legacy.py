@@ -1,7 +1,9 @@
 """llama.cpp's legacy block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (32 values a block).
 
 Encoders mirror ggml-quants.c's `quantize_row_q*_ref` in float32 arithmetic, so round-to-nearest
-blocks are byte-identical to llama.cpp's (and to `gguf.quants.quantize`).
+blocks are byte-identical to llama.cpp's (and to `gguf.quants.quantize`). With an importance vector,
+Q4_0/Q4_1/Q5_0/Q5_1 mirror `quantize_row_q*_impl` (`make_qx_quants` / `make_qkx3_quants` searches);
+Q8_0 has no weighted path in llama.cpp and stays round-to-nearest.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .base import GroupCodec
+from .quants_math import make_qkx3_quants, make_qx_quants
 
 _F32 = np.float32
 
@@ -21,9 +24,11 @@ def _inverse(d: np.ndarray) -> np.ndarray:
 
 
 def _signed_absmax(x: np.ndarray) -> np.ndarray:
-    # The value of largest magnitude, sign kept (first one on ties, as ggml's loop keeps it).
+    # The value of largest magnitude, sign kept (first one on ties, as ggml's loop keeps it); an
+    # all-zero block keeps ggml's initial `max = 0.0f` even if its zeros are -0.0 (so d = -0.0).
     idx = np.abs(x).argmax(axis=-1, keepdims=True)
-    return np.take_along_axis(x, idx, axis=-1)
+    v = np.take_along_axis(x, idx, axis=-1)
+    return np.where(v == 0, _F32(0), v)
 
 
 def _minmax_params(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +61,19 @@ def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(qh, axis=1, bitorder="little") << 4
 
 
+def _symmetric_search(groups: np.ndarray, weights: np.ndarray, nmax: int):
+    # quantize_row_q4_0_impl / q5_0_impl: `make_qx_quants(32, nmax, xb, L, 1, weight)`
+    d, codes = make_qx_quants(groups, nmax, weights)
+    d = d[:, None]
+    return d, np.zeros_like(d), codes
+
+
+def _asymmetric_search(groups: np.ndarray, weights: np.ndarray, nmax: int):
+    # quantize_row_q4_1_impl / q5_1_impl: `make_qkx3_quants(32, nmax, xb, weight, ..., -0.9f, 0.05f, 36, false)`
+    d, m, codes = make_qkx3_quants(groups, nmax, weights, rmin=-0.9, rdelta=0.05, nstep=36)
+    return d[:, None], m[:, None], codes
+
+
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16).view(np.uint8).reshape(v.shape[0], 2)
 
@@ -67,6 +85,7 @@ def _f16_value(b: np.ndarray) -> np.ndarray:
 # [d: f16][qs: 16 B, lo nibble = values 0..15, hi nibble = values 16..31]; x = d * (q - 8)
 class Q4_0(GroupCodec, qtype=T.Q4_0):
     bits = 4
+    supports_importance = True
 
     @classmethod
     def group_params(cls, groups):
@@ -74,9 +93,16 @@ class Q4_0(GroupCodec, qtype=T.Q4_0):
         return d, np.zeros_like(d)
 
     @classmethod
+    def search_params(cls, groups, weights):
+        return _symmetric_search(groups, weights, 8)
+
+    @classmethod
     def pack(cls, blocks, d, m):
-        q = _trunc_codes(blocks * _inverse(d) + _F32(8.5), 15)
-        return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
+        return cls.pack_codes(_trunc_codes(blocks * _inverse(d) + _F32(8.5), 15), d, m)
+
+    @classmethod
+    def pack_codes(cls, codes, d, m):
+        return np.concatenate([_f16_bytes(d), _pack_nibbles(codes)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
@@ -88,15 +114,23 @@ class Q4_0(GroupCodec, qtype=T.Q4_0):
 class Q4_1(GroupCodec, qtype=T.Q4_1):
     bits = 4
     symmetric = False
+    supports_importance = True
 
     @classmethod
     def group_params(cls, groups):
         return _minmax_params(groups, 15)
 
     @classmethod
+    def search_params(cls, groups, weights):
+        return _asymmetric_search(groups, weights, 15)
+
+    @classmethod
     def pack(cls, blocks, d, m):
-        q = _trunc_codes((blocks - m) * _inverse(d) + _F32(0.5), 15)
-        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_nibbles(q)], axis=1)
+        return cls.pack_codes(_trunc_codes((blocks - m) * _inverse(d) + _F32(0.5), 15), d, m)
+
+    @classmethod
+    def pack_codes(cls, codes, d, m):
+        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_nibbles(codes)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
@@ -107,6 +141,7 @@ class Q4_1(GroupCodec, qtype=T.Q4_1):
 # [d: f16][qh: 4 B, bit j = bit 4 of q[j]][qs: 16 B low nibbles, lo nibble first]; x = d * (q - 16)
 class Q5_0(GroupCodec, qtype=T.Q5_0):
     bits = 5
+    supports_importance = True
 
     @classmethod
     def group_params(cls, groups):
@@ -114,9 +149,16 @@ class Q5_0(GroupCodec, qtype=T.Q5_0):
         return d, np.zeros_like(d)
 
     @classmethod
+    def search_params(cls, groups, weights):
+        return _symmetric_search(groups, weights, 16)
+
+    @classmethod
     def pack(cls, blocks, d, m):
-        q = _trunc_codes(blocks * _inverse(d) + _F32(16.5), 31)
-        return np.concatenate([_f16_bytes(d), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
+        return cls.pack_codes(_trunc_codes(blocks * _inverse(d) + _F32(16.5), 31), d, m)
+
+    @classmethod
+    def pack_codes(cls, codes, d, m):
+        return np.concatenate([_f16_bytes(d), _pack_high_bits(codes), _pack_nibbles(codes)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
@@ -128,15 +170,25 @@ class Q5_0(GroupCodec, qtype=T.Q5_0):
 class Q5_1(GroupCodec, qtype=T.Q5_1):
     bits = 5
     symmetric = False
+    supports_importance = True
 
     @classmethod
     def group_params(cls, groups):
         return _minmax_params(groups, 31)
 
     @classmethod
+    def search_params(cls, groups, weights):
+        return _asymmetric_search(groups, weights, 31)
+
+    @classmethod
     def pack(cls, blocks, d, m):
-        q = _trunc_codes((blocks - m) * _inverse(d) + _F32(0.5), 31)
-        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_high_bits(q), _pack_nibbles(q)], axis=1)
+        return cls.pack_codes(_trunc_codes((blocks - m) * _inverse(d) + _F32(0.5), 31), d, m)
+
+    @classmethod
+    def pack_codes(cls, codes, d, m):
+        return np.concatenate(
+            [_f16_bytes(d), _f16_bytes(m), _pack_high_bits(codes), _pack_nibbles(codes)], axis=1
+        )
 
     @classmethod
     def decode_blocks(cls, data):
@@ -159,7 +211,12 @@ class Q8_0(GroupCodec, qtype=T.Q8_0):
         # roundf (halves away from zero), exact: adding 0.5 in float32 could round 0.49999997 up
         a = np.abs(v)
         q = np.sign(v) * (np.floor(a) + np.floor(_F32(2) * (a - np.floor(a))))
-        return np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
+        return cls.pack_codes(q.astype(np.int8).view(np.uint8), d, m)
+
+    @classmethod
+    def pack_codes(cls, codes, d, m):
+        # codes: the int8 values' bytes
+        return np.concatenate([_f16_bytes(d), codes], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):

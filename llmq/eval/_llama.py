@@ -1,6 +1,6 @@
-"""llama.cpp plumbing shared by llmq.eval.llamacpp: import check, log capture, model loading.
+"""llama.cpp plumbing: import check, log capture, model loading, the llama.cpp eval backend.
 
-Private: the public tools live in `llmq.eval.llamacpp`.
+Private: the public tools live in `llmq.eval.llamacpp` and `llmq.eval.evaluate`.
 """
 
 from __future__ import annotations
@@ -115,3 +115,79 @@ def tokenize(llm: llama_cpp.Llama, text: str) -> np.ndarray:
     """The whole text as int32 token ids, as llama-perplexity tokenizes it."""
     # add_special=True: BOS is prepended exactly when the vocab says so (common_tokenize(..., true)).
     return np.asarray(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)
+
+
+def open_vocab(model_path: str | os.PathLike[str]) -> llama_cpp.Llama:
+    """Load only a GGUF's vocabulary (no weights): llama.cpp's tokenizer for that file."""
+    path = Path(model_path)
+    if not path.is_file():
+        raise SourceError(f"GGUF file not found: {path}")
+    with captured_llama_log() as lines:
+        try:
+            return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        except ValueError as exc:
+            raise SourceError(f"llama.cpp cannot load {path}: {exc}{log_tail(lines)}") from exc
+
+
+def vocab_bos(llm: llama_cpp.Llama) -> tuple[bool, int | None]:
+    """(add_bos, bos_id) as the vocab says: llama_vocab_get_add_bos and llama_vocab_bos."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    bos = int(llama_cpp.llama_vocab_bos(vocab))
+    return bool(llama_cpp.llama_vocab_get_add_bos(vocab)), (bos if bos >= 0 else None)
+
+
+class LlamaCppBackend:
+    """A GGUF run by llama.cpp behind the perplexity protocol (`llmq.eval.protocol.Backend`).
+
+    Args:
+        llm: a model opened by `open_llama` with a context of `n_ctx` tokens; closed by `close`.
+        n_ctx: tokens per chunk.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(self, llm: llama_cpp.Llama, n_ctx: int) -> None:
+        self.llm = llm
+        self.n_ctx = n_ctx
+        self.n_vocab = int(llm.n_vocab())
+        self.add_bos, self.bos_id = vocab_bos(llm)
+        first = n_ctx // 2
+        self._first = first
+        self._memory = llama_cpp.llama_get_memory(llm.ctx)
+        self._batch: llama_cpp.llama_batch | None = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        # Positions, sequence ids and the output mask are the same for every chunk; only
+        # positions first .. n_ctx-2 get logits (perplexity.cpp asks for pos >= first).
+        batch = self._batch
+        batch.n_tokens = n_ctx
+        for i in range(n_ctx):
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = first <= i < n_ctx - 1
+        self._tokens = np.ctypeslib.as_array(batch.token, shape=(n_ctx,))
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return tokenize(self.llm, text)
+
+    def logits(self, chunk: np.ndarray) -> np.ndarray:
+        if self._batch is None:
+            raise RuntimeError("LlamaCppBackend is closed")
+        if len(chunk) != self.n_ctx:
+            raise ValueError(f"chunk of {len(chunk)} tokens; this context holds {self.n_ctx}")
+        self._tokens[:] = chunk
+        with captured_llama_log() as lines:
+            llama_cpp.llama_memory_clear(self._memory, True)  # a fresh context per chunk
+            rc = llama_cpp.llama_decode(self.llm.ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}{log_tail(lines)}")
+        # The rows of the output positions, in order; valid until the next decode.
+        return np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.llm.ctx, self._first),
+            shape=(self.n_ctx - 1 - self._first, self.n_vocab),
+        )
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+            self.llm.close()

@@ -14,20 +14,24 @@ Example:
 from __future__ import annotations
 
 import ctypes
-import math
 import os
-import time
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import LlmqError, OutputExistsError, SourceError
-from ._llama import captured_llama_log, default_threads, llama_cpp, log_tail, open_llama, tokenize
+from ._llama import (
+    LlamaCppBackend,
+    captured_llama_log,
+    default_threads,
+    llama_cpp,
+    log_tail,
+    open_llama,
+    tokenize,
+)
+from .protocol import LogitsCallback, PerplexityResult, check_chunking, count_chunks, score_chunks
 
 __all__ = [
     "FTYPES",
@@ -37,58 +41,7 @@ __all__ = [
     "quantize_with_llama_cpp",
 ]
 
-LogitsCallback = Callable[[int, np.ndarray], None]
-"""`on_logits(chunk_index, logits)`: logits of one chunk's scored positions, float32 (n_scored, n_vocab)."""
-
-
 # -- perplexity -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PerplexityResult:
-    """Perplexity of a model on a text, as llama-perplexity reports it.
-
-    Attributes:
-        ppl: exp(mean NLL) over every scored token ("Final estimate: PPL").
-        ppl_stderr: the "+/-" llama-perplexity prints: `nll_stderr * ppl`.
-        nll_mean: mean negative log-likelihood (nats/token).
-        nll_stderr: standard error of `nll_mean`.
-        chunk_ppl: running PPL after each chunk (the `[1]x,[2]y,...` line).
-        token_logprobs: log p(token) of every scored token, chunk after chunk, float64.
-        n_tokens_scored: `n_chunks * (n_ctx - 1 - n_ctx // 2)`.
-        n_chunks: chunks evaluated.
-        n_ctx: tokens per chunk.
-        add_bos: whether each chunk started with BOS (the vocab's add_bos flag).
-        seconds: wall time of the chunk evaluations (load and tokenization excluded).
-    """
-
-    ppl: float
-    ppl_stderr: float
-    nll_mean: float
-    nll_stderr: float
-    chunk_ppl: tuple[float, ...]
-    token_logprobs: np.ndarray = field(repr=False, compare=False)
-    n_tokens_scored: int
-    n_chunks: int
-    n_ctx: int
-    add_bos: bool
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Evaluated (not only scored) tokens per second."""
-        return self.n_chunks * self.n_ctx / self.seconds if self.seconds > 0 else float("inf")
-
-
-def _token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log softmax(logits[i])[targets[i]] per row, max-shifted float32 with float64 sums.
-
-    Mirrors perplexity.cpp's `log_softmax`: max in float, sum of exp accumulated in double.
-    """
-    peak = logits.max(axis=1)
-    sum_exp = np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64)
-    picked = logits[np.arange(len(targets)), targets].astype(np.float64)
-    return picked - peak.astype(np.float64) - np.log(sum_exp)
 
 
 def perplexity(
@@ -108,6 +61,7 @@ def perplexity(
     tokenized once; it is cut into non-overlapping chunks of `n_ctx` tokens; each chunk is decoded
     from an empty KV cache with its first token replaced by BOS when the vocab adds BOS; only the
     second half is scored (logits at positions n_ctx/2 .. n_ctx-2 predict the next token).
+    `llmq.eval.evaluate` runs the same protocol on other backends and against a reference.
 
     Args:
         model_path: GGUF file.
@@ -135,105 +89,26 @@ def perplexity(
         >>> res.n_tokens_scored
         10200
     """
-    if n_ctx < 4:
-        raise LlmqError(f"perplexity: n_ctx={n_ctx} is too small (at least 4 tokens per chunk)")
-    if n_chunks is not None and n_chunks < 1:
-        raise LlmqError(f"perplexity: n_chunks={n_chunks} must be at least 1")
-    llm = open_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn)
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        tokens = tokenize(llm, text)
-        if len(tokens) < 2 * n_ctx:  # the same refusal as llama-perplexity
-            raise LlmqError(
-                f"perplexity: the text has {len(tokens)} tokens; n_ctx={n_ctx} needs at least {2 * n_ctx}"
-            )
-        n_max = len(tokens) // n_ctx
-        chunks = n_max if n_chunks is None else min(n_chunks, n_max)
-        bos = int(llama_cpp.llama_vocab_bos(vocab)) if add_bos else None
-        with captured_llama_log() as lines:
-            logprobs, running, seconds = _score_chunks(
-                llm, tokens, n_ctx, chunks, bos, on_logits, progress, lines
-            )
-    finally:
-        llm.close()
-
-    nll = -logprobs
-    nll_mean = float(nll.mean())
-    # perplexity.cpp: sqrt((E[x^2] - E[x]^2) / (count - 1)), printed times PPL.
-    var = float((nll * nll).mean()) - nll_mean * nll_mean
-    nll_stderr = math.sqrt(var / (len(nll) - 1)) if var > 0 and len(nll) > 1 else 0.0
-    ppl = math.exp(nll_mean)
-    return PerplexityResult(
-        ppl=ppl,
-        ppl_stderr=nll_stderr * ppl,
-        nll_mean=nll_mean,
-        nll_stderr=nll_stderr,
-        chunk_ppl=tuple(running),
-        token_logprobs=logprobs,
-        n_tokens_scored=len(nll),
-        n_chunks=chunks,
-        n_ctx=n_ctx,
-        add_bos=add_bos,
-        seconds=seconds,
+    check_chunking(n_ctx, n_chunks)
+    backend = LlamaCppBackend(
+        open_llama(model_path, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn), n_ctx
     )
-
-
-def _score_chunks(
-    llm: llama_cpp.Llama,
-    tokens: np.ndarray,
-    n_ctx: int,
-    n_chunks: int,
-    bos: int | None,
-    on_logits: LogitsCallback | None,
-    progress: bool,
-    log_lines: deque[tuple[int, str]],
-) -> tuple[np.ndarray, list[float], float]:
-    """Decode each chunk and score its second half; returns (log-probs, running PPL, seconds)."""
-    ctx, n_vocab = llm.ctx, llm.n_vocab()
-    first = n_ctx // 2
-    n_scored = n_ctx - 1 - first
-    memory = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
     try:
-        # Positions, sequence ids and the output mask are the same for every chunk; only
-        # positions first .. n_ctx-2 get logits (perplexity.cpp asks for pos >= first).
-        batch.n_tokens = n_ctx
-        for i in range(n_ctx):
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = first <= i < n_ctx - 1
-        batch_tokens = np.ctypeslib.as_array(batch.token, shape=(n_ctx,))
-
-        logprobs = np.empty(n_chunks * n_scored, dtype=np.float64)
-        running: list[float] = []
-        nll_sum = 0.0
-        start_time = time.perf_counter()
-        bar = tqdm(range(n_chunks), desc="perplexity", unit="chunk", disable=not progress)
-        for k in bar:
-            chunk = tokens[k * n_ctx : (k + 1) * n_ctx]
-            batch_tokens[:] = chunk
-            if bos is not None:  # a copy in the batch: the token stream itself stays untouched
-                batch_tokens[0] = bos
-            llama_cpp.llama_memory_clear(memory, True)
-            rc = llama_cpp.llama_decode(ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc} on chunk {k}{log_tail(log_lines)}")
-            view = np.ctypeslib.as_array(
-                llama_cpp.llama_get_logits_ith(ctx, first), shape=(n_scored, n_vocab)
-            )
-            lp = _token_logprobs(view, chunk[first + 1 :])
-            if on_logits is not None:
-                on_logits(k, np.array(view, dtype=np.float32, copy=True))
-            logprobs[k * n_scored : (k + 1) * n_scored] = lp
-            nll_sum -= float(lp.sum())
-            running.append(math.exp(nll_sum / ((k + 1) * n_scored)))
-            bar.set_postfix(ppl=f"{running[-1]:.4f}")
-        seconds = time.perf_counter() - start_time
+        tokens = backend.tokenize(text)
+        chunks = count_chunks(len(tokens), n_ctx, n_chunks)
+        (result,), _ = score_chunks(
+            [backend],
+            tokens,
+            n_ctx=n_ctx,
+            n_chunks=chunks,
+            add_bos=backend.add_bos,
+            bos_id=backend.bos_id,
+            progress=progress,
+            on_logits=on_logits,
+        )
     finally:
-        llama_cpp.llama_batch_free(batch)
-    return logprobs, running, seconds
+        backend.close()
+    return result
 
 
 # -- generation -----------------------------------------------------------------------------------

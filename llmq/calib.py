@@ -1,0 +1,138 @@
+"""Calibration data: token windows for activation-aware search, from a file, the hub, or the model itself.
+
+Sources (``--calib``): a path to plain text or JSONL (a ``text`` field per line); ``hub:<owner/name>[/file]``
+(a dataset file fetched with `huggingface_hub`); ``self`` (text sampled from the FP model, seeded), so a
+machine with no data and no network still calibrates. Samples are ``n_samples`` windows of ``seqlen``
+tokens drawn at seeded random offsets from the tokenized corpus (AutoAWQ's 128 x 512 by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import LlmqError, SourceError
+
+# What `--calib hub:` fetches when only a dataset is named: AWQ's Pile validation sample.
+DEFAULT_HUB_FILES = {"mit-han-lab/pile-val-backup": "val.jsonl.zst"}
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration tokens come from and how many.
+
+    Attributes:
+        source: a file path, ``hub:<dataset>[/file]`` or ``self``.
+        n_samples: number of token windows.
+        seqlen: tokens per window.
+        batch_size: windows per forward pass (bounds activation memory).
+        seed: seed of the window offsets (and of ``self`` sampling).
+    """
+
+    source: str
+    n_samples: int = 128
+    seqlen: int = 512
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "seqlen", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise LlmqError(
+                    f"calibration {name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
+
+
+def read_texts(path: str | os.PathLike[str]) -> list[str]:
+    """Documents of a calibration file: JSONL (``text`` field, optionally .zst) or plain text (one document)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: calibration file not found")
+    raw = path.read_bytes()
+    if path.suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError as e:
+            raise LlmqError(f"{path}: reading .zst needs `pip install zstandard`") from e
+        raw = zstandard.ZstdDecompressor().stream_reader(raw).read()
+    text = raw.decode("utf-8", errors="replace")
+    if ".jsonl" in path.suffixes:
+        docs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise SourceError(f"{path}:{i}: not a JSON object with a 'text' field") from e
+        return docs
+    return [text]
+
+
+def _hub_file(spec: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    parts = spec.split("/")
+    if len(parts) < 2:
+        raise LlmqError(f"--calib hub:{spec}: expected hub:<owner>/<dataset>[/<file>]")
+    repo = "/".join(parts[:2])
+    file = "/".join(parts[2:]) or DEFAULT_HUB_FILES.get(repo)
+    if not file:
+        raise LlmqError(f"--calib hub:{spec}: name the file inside the dataset, hub:{repo}/<file>")
+    try:
+        return Path(hf_hub_download(repo, file, repo_type="dataset"))
+    except Exception as e:
+        raise SourceError(f"--calib hub:{spec}: could not fetch ({type(e).__name__}: {e})") from e
+
+
+def windows(tokens: np.ndarray, cfg: CalibConfig) -> torch.Tensor:
+    """``n_samples`` windows of ``seqlen`` tokens at seeded random offsets (without replacement when possible)."""
+    span = len(tokens) - cfg.seqlen
+    if span < 0:
+        raise LlmqError(f"calibration text has {len(tokens)} tokens, fewer than --calib-seqlen {cfg.seqlen}")
+    rng = np.random.default_rng(cfg.seed)
+    n_distinct = span // cfg.seqlen + 1
+    if cfg.n_samples <= n_distinct:  # non-overlapping windows at random slots
+        starts = rng.choice(n_distinct, cfg.n_samples, replace=False) * cfg.seqlen
+    else:
+        starts = rng.integers(0, span + 1, cfg.n_samples)
+    return torch.from_numpy(np.stack([tokens[s : s + cfg.seqlen] for s in starts]).astype(np.int64))
+
+
+def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None) -> torch.Tensor:
+    """Token windows ``(n_samples, seqlen)`` for ``cfg``.
+
+    Args:
+        cfg: the calibration settings.
+        tokenizer: a transformers tokenizer of the model.
+        generate: for ``self``: a function ``(n_tokens, seed) -> str`` sampling text from the FP model.
+
+    Returns:
+        An int64 tensor of token ids.
+    """
+    if cfg.source == "self":
+        if generate is None:
+            raise LlmqError("--calib self needs the model to sample from")
+        texts = [generate(cfg.n_samples * cfg.seqlen + cfg.seqlen, cfg.seed)]
+    elif cfg.source.startswith("hub:"):
+        texts = read_texts(_hub_file(cfg.source[4:]))
+    else:
+        texts = read_texts(cfg.source)
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for doc in texts:  # documents joined by EOS, as a model sees separate texts
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None and len(texts) > 1:
+            ids.append(eos)
+    return windows(np.asarray(ids, dtype=np.int64), cfg)
+
+
+def batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(tokens), batch_size):
+        yield tokens[i : i + batch_size]

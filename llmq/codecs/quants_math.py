@@ -1,0 +1,210 @@
+"""Importance-weighted scale searches of ggml-quants.c, vectorized over blocks.
+
+Each function mirrors one llama.cpp helper in float32 arithmetic and in the C code's operation
+order (sums are accumulated sequentially, as the compiled library does without fast-math), so the
+chosen scales and codes are byte-identical to llama.cpp's up to rare rounding ties.
+
+Layout: inputs are ``(n, k)`` (``n`` independent blocks of ``k`` values) and are transposed to
+``(k, n)`` internally, so a sequential sum over a block is ``k`` vector adds of contiguous rows.
+The K-quant helpers (``make_qkx2_quants``, ``make_qp_quants``, ``make_q3_quants``) belong here too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_F32 = np.float32
+# ggml-quants.c: `#define GROUP_MAX_EPS 1e-15f`, below which a block counts as all zero
+GROUP_MAX_EPS = _F32(1e-15)
+# Values per chunk of the temporaries (measured best on CPU: cache-sized, yet long numpy calls).
+_CHUNK_VALUES = 1 << 19
+
+
+def seq_sum(t: np.ndarray, from_zero: bool = True) -> np.ndarray:
+    """Sum ``t`` over axis 0 one term at a time in float32, as a C ``for`` loop accumulates.
+
+    With ``from_zero`` the accumulator starts at ``0.0f`` (``float s = 0; s += t[i]``); otherwise
+    it starts at ``t[0]`` (``float s = t[0]; for i >= 1 ...``).
+    """
+    if from_zero:
+        s = np.zeros(t.shape[1:], _F32)
+        for row in t:
+            s += row
+    else:
+        s = t[0].astype(_F32, copy=True)
+        for row in t[1:]:
+            s += row
+    return s
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's `nearest_int`: round half to even (the 1.5 * 2^23 trick), kept as float32."""
+    return np.rint(v)
+
+
+def row_sigma2(rows: np.ndarray) -> np.ndarray:
+    """``sum(x^2) / n_per_row`` of each row of ``(n_rows, K)``, summed sequentially like the `_impl`s."""
+    k = rows.shape[1]
+    out = np.empty(rows.shape[0], _F32)
+    step = max(1, _CHUNK_VALUES * 2 // k)
+    for s in range(0, rows.shape[0], step):
+        part = rows[s : s + step]
+        # np.cumsum is a strictly sequential accumulate (no pairwise summation)
+        out[s : s + step] = np.cumsum(part * part, axis=1, dtype=_F32)[:, -1]
+    return (out / _F32(k)).astype(_F32)
+
+
+def importance_weights(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """Per-element weights ``qw[j] = importance[j] * sqrt(sigma2 + x[j]^2)`` of ``(n_rows, K)`` rows.
+
+    Mirrors the weight line of `quantize_row_q4_0_impl` and its siblings; ``sigma2`` is the row's
+    mean square. Returns float32 of the rows' shape.
+    """
+    rows = np.asarray(rows, _F32)
+    sigma2 = row_sigma2(rows)[:, None]
+    return (importance.astype(_F32)[None, :] * np.sqrt(sigma2 + rows * rows)).astype(_F32)
+
+
+def _chunks(n: int, per_block: int):
+    step = max(1, _CHUNK_VALUES // max(per_block, 1))
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
+
+
+def make_qx_quants(
+    x: np.ndarray, nmax: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weighted scale search; ggml's `make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`.
+
+    Tries the scale ``max / -nmax`` and 18 neighbours ``max / -(nmax + 0.1 i)``; for each, rounds the
+    codes and refits the scale by weighted least squares, keeping the candidate with the largest
+    ``sumlx^2 / suml2`` (the least weighted squared error).
+
+    Args:
+        x: ``(n, k)`` float32 blocks.
+        nmax: codes are ``-nmax .. nmax - 1`` (8 for 4-bit, 16 for 5-bit).
+        weights: ``(n, k)`` non-negative weights, or None for ``x^2`` (``rmse_type`` 1 without ``qw``).
+
+    Returns:
+        ``scale`` ``(n,)`` float32 and codes ``L`` ``(n, k)`` uint8 offset by ``nmax`` (``0 .. 2 nmax - 1``),
+        so that ``x ~= scale * (L - nmax)``. All-zero blocks get scale 0 and codes 0.
+    """
+    x = np.asarray(x, _F32)
+    w = x * x if weights is None else np.asarray(weights, _F32)
+    n, k = x.shape
+    # candidate order of the C loop: the plain scale first, then is = -9..-1, 1..9
+    steps = np.array([0, *range(-9, 0), *range(1, 10)], _F32)
+    numer = np.where(steps == 0, _F32(nmax), _F32(nmax) + _F32(0.1) * steps).astype(_F32)[:, None]
+    scale = np.zeros(n, _F32)
+    codes = np.zeros((n, k), np.uint8)
+    for sl in _chunks(n, k * len(steps)):
+        scale[sl], codes[sl] = _make_qx_chunk(x[sl], w[sl], nmax, numer)
+    return scale, codes
+
+
+def _make_qx_chunk(
+    x: np.ndarray, w: np.ndarray, nmax: int, numer: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    idx = np.abs(x).argmax(axis=1)  # first of equal magnitudes, as the C loop's strict `>`
+    mx = x[np.arange(n), idx]
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    mx = np.where(zero, _F32(1), mx)
+    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    iscale = (-numer / mx[None, :]).astype(_F32)  # (C, n): `-(nmax + 0.1f*is) / max`
+    l = np.clip(nearest_int(iscale[None] * xt[:, None]), -nmax, nmax - 1)  # (k, C, n)
+    sumlx = seq_sum((wt * xt)[:, None] * l)  # `w*x[i]*l`
+    suml2 = seq_sum(wt[:, None] * l * l)  # `w*l*l`
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fit = (sumlx / suml2).astype(_F32)
+    scale = np.where(suml2[0] != 0, fit[0], _F32(0))
+    best = scale * sumlx[0]
+    choice = np.zeros(n, np.intp)
+    for c in range(1, len(numer)):
+        better = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
+        scale = np.where(better, fit[c], scale)
+        best = np.where(better, scale * sumlx[c], best)
+        choice[better] = c
+    codes = np.take_along_axis(l, choice[None, None, :], axis=1)[:, 0] + _F32(nmax)
+    codes[:, zero] = 0
+    return np.where(zero, _F32(0), scale).astype(_F32), codes.T.astype(np.uint8)
+
+
+def make_qkx3_quants(
+    x: np.ndarray,
+    nmax: int,
+    weights: np.ndarray | None = None,
+    rmin: float = -0.9,
+    rdelta: float = 0.05,
+    nstep: int = 36,
+    use_mad: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric weighted scale/min search; ggml's `make_qkx3_quants`.
+
+    Starts from the min/max fit (the min clamped to at most 0), then for ``is = 0 .. nstep`` tries
+    ``iscale = (rmin + rdelta * is + nmax) / (max - min)``, fits scale and min by weighted least
+    squares on the rounded codes, and keeps a candidate only if it lowers the weighted error. As in
+    the C code, an accepted candidate's min feeds the next candidates' rounding.
+
+    Args:
+        x: ``(n, k)`` float32 blocks.
+        nmax: the top code (15 for 4-bit, 31 for 5-bit).
+        weights: ``(n, k)`` non-negative weights, or None for ``x^2``.
+        rmin, rdelta, nstep: the search grid, as the caller passes them to ggml.
+        use_mad: weigh absolute instead of squared differences.
+
+    Returns:
+        ``scale`` ``(n,)``, ``m`` ``(n,)`` (float32, ``m <= 0``; ggml's ``-the_min``) and codes ``L``
+        ``(n, k)`` uint8 in ``0 .. nmax``, so that ``x ~= scale * L + m``.
+    """
+    x = np.asarray(x, _F32)
+    w = x * x if weights is None else np.asarray(weights, _F32)
+    n, k = x.shape
+    scale, m, codes = np.zeros(n, _F32), np.zeros(n, _F32), np.zeros((n, k), np.uint8)
+    grid = (_F32(rmin) + _F32(rdelta) * np.arange(nstep + 1, dtype=_F32) + _F32(nmax)).astype(_F32)
+    for sl in _chunks(n, 2 * k):
+        scale[sl], m[sl], codes[sl] = _make_qkx3_chunk(x[sl], w[sl], nmax, grid, use_mad)
+    return scale, m, codes
+
+
+def _make_qkx3_chunk(
+    x: np.ndarray, w: np.ndarray, nmax: int, grid: np.ndarray, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    mn = x[np.arange(n), x.argmin(axis=1)]  # the first minimum, so -0.0 vs 0.0 follows the C loop
+    mx = x.max(axis=1)
+    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    sum_w = seq_sum(wt, from_zero=False)
+    sum_x = seq_sum(wt * xt, from_zero=False)
+    mn = np.where(mn > 0, _F32(0), mn)
+    flat = mx <= mn
+
+    def error(s: np.ndarray, mm: np.ndarray, l: np.ndarray) -> np.ndarray:
+        diff = s * l + mm - xt  # `scale * L[i] + min - x[i]`
+        return seq_sum(wt * (np.abs(diff) if use_mad else diff * diff))
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = (_F32(nmax) / (mx - mn)).astype(_F32)
+        scale = (_F32(1) / iscale).astype(_F32)
+        codes = np.clip(nearest_int(iscale * (xt - mn)), 0, nmax)
+        best = error(scale, mn, codes)
+        for g in grid:
+            iscale = (g / (mx - mn)).astype(_F32)
+            l = np.clip(nearest_int(iscale * (xt - mn)), 0, nmax)
+            wl = wt * l
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * l), seq_sum(wl * xt)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            pos = this_min > 0
+            this_min = np.where(pos, _F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            mad = error(this_scale, this_min, l)
+            better = (det > 0) & (mad < best) & ~flat
+            codes = np.where(better, l, codes)
+            best = np.where(better, mad, best)
+            scale = np.where(better, this_scale, scale)
+            mn = np.where(better, this_min, mn)
+    codes[:, flat] = 0
+    scale = np.where(flat, _F32(0), scale)
+    return scale.astype(_F32), mn.astype(_F32), codes.T.astype(np.uint8)

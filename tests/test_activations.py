@@ -1,0 +1,89 @@
+"""Calibration windows and the layer-by-layer activation flow that the AWQ search runs on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+import llmq
+from llmq.activations import ActivationStore, LayerRunner, embed
+from llmq.calib import CalibConfig, calibration_tokens, read_texts, windows
+from llmq.errors import LlmqError, SourceError
+
+
+def test_streamed_layers_reproduce_the_full_model(tmp_path: Path) -> None:
+    """Embedding -> each decoder layer on its own (one resident at a time) -> final norm = HF hidden state."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_llama(tmp_path / "m", n_layers=3, dtype=torch.float32)
+    ckpt = llmq.Checkpoint(model_dir)
+    arch = llmq.get_arch(ckpt.config)
+    stream = llmq.LayerStream(ckpt, arch)
+    runner = LayerRunner(ckpt.config, arch)
+    tokens = torch.randint(0, ckpt.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    store = ActivationStore(3, 24, ckpt.config.hidden_size, batch_size=2, directory=str(tmp_path))
+    emb = ckpt.get(arch.embed)
+    for i in range(len(store)):
+        store.write(i, embed(tokens[i * 2 : i * 2 + 2], emb))
+    for _, layer in stream:
+        for i in range(len(store)):
+            store.write(i, runner(layer, store.read(i)))
+    ours = torch.cat(list(store))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(tokens, output_hidden_states=True).hidden_states[-1]  # after the final norm
+        ours = hf.model.norm(ours)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_store_round_trips_batches(tmp_path: Path) -> None:
+    store = ActivationStore(5, 4, 3, batch_size=2, directory=str(tmp_path))
+    data = torch.randn(5, 4, 3)
+    for i in range(len(store)):
+        store.write(i, data[i * 2 : i * 2 + 2])
+    assert len(store) == 3
+    torch.testing.assert_close(torch.cat(list(store)), data)
+    store.close()
+
+
+def test_windows_are_seeded_and_distinct() -> None:
+    tokens = np.arange(10_000)
+    cfg = CalibConfig("x", n_samples=16, seqlen=128, seed=3)
+    a, b = windows(tokens, cfg), windows(tokens, cfg)
+    assert torch.equal(a, b) and a.shape == (16, 128)
+    starts = a[:, 0].tolist()
+    assert len(set(starts)) == 16 and all(s % 128 == 0 for s in starts)  # non-overlapping slots
+    assert not torch.equal(a, windows(tokens, CalibConfig("x", n_samples=16, seqlen=128, seed=4)))
+    with pytest.raises(LlmqError, match="fewer than"):
+        windows(np.arange(10), cfg)
+
+
+def test_calibration_file_formats(tmp_path: Path) -> None:
+    from tiny_models import make_tokenizer
+    from transformers import AutoTokenizer
+
+    make_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    plain = tmp_path / "c.txt"
+    plain.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(
+        "\n".join(json.dumps({"text": f"Document {i}: the fox and the dog. " * 20}) for i in range(20))
+    )
+    assert read_texts(plain) == [plain.read_text()] and len(read_texts(jsonl)) == 20
+    for path in (plain, jsonl):
+        t = calibration_tokens(CalibConfig(str(path), n_samples=4, seqlen=32), tok)
+        assert t.shape == (4, 32) and t.dtype == torch.int64
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": 1}\n')
+    with pytest.raises(SourceError, match="bad.jsonl:1"):
+        read_texts(bad)
+    with pytest.raises(SourceError, match="not found"):
+        read_texts(tmp_path / "nope.txt")
+    with pytest.raises(LlmqError, match="sample from"):
+        calibration_tokens(CalibConfig("self", n_samples=1, seqlen=8), tok)
