@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -184,11 +185,6 @@ def convert(
     if write_card:
         from .card import write_card as _write_card
 
-        result = ConvertResult(
-            out_path,
-            tuple(plans),
-            result.seconds,
-            result.source_nbytes,
-            _write_card(result, model_dir=model_dir, src=str(src), cfg=cfg, command=command),
-        )
+        card = _write_card(result, model_dir=model_dir, src=str(src), cfg=cfg, command=command)
+        result = dataclasses.replace(result, card_path=card)
     return result
