@@ -4,9 +4,10 @@ Installed under the llmq namespace on purpose: a top-level ``kernels`` module wo
 Hugging Face package of that name, which transformers probes for.
 
 Formats live in ``FORMATS``, keyed by name: the GGUF block types (``Q4_0``, ``Q4_1``, ``Q5_0``,
-``Q5_1``, ``Q8_0``, ``F16``, ``BF16``, ``F32``) and AutoAWQ's packed int4 (``AWQ_INT4``). Adding a
-format is one ``KernelFormat`` subclass (``prepare``/``take_rows``/``decode_into``, or just
-``decode_blocks`` for a GGUF type); declaring it registers it, and the tests loop over ``FORMATS``.
+``Q5_1``, ``Q8_0``, the K-quants ``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``, and ``F16``,
+``BF16``, ``F32``) and AutoAWQ's packed int4 (``AWQ_INT4``). Adding a format is one
+``KernelFormat`` subclass (``prepare``/``take_rows``/``decode_into``, or just ``decode_blocks`` for
+a GGUF type); declaring it registers it, and the tests loop over ``FORMATS``.
 A format may also offer a faster permuted layout for matmul (``decode_for_matmul`` with
 ``x_order``/``y_order``; ``decode_blocks_t`` for a GGUF type), which the tests check value for value.
 
@@ -19,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+from . import kquant_blocks  # noqa: F401  (registers the K-quant formats)
+from .activations import VEC_DOT_TYPE, round_activations
 from .awq import AWQ_ORDER, AWQInt4, AWQPacked, pack_awq
 from .base import FORMATS, KernelFormat, get_format
 from .gguf_blocks import GGUFBlockFormat
@@ -30,11 +33,13 @@ __all__ = [
     "FORMATS",
     "AWQInt4",
     "AWQPacked",
+    "VEC_DOT_TYPE",
     "GGUFBlockFormat",
     "KernelFormat",
     "dequantize",
     "get_format",
     "matmul",
     "pack_awq",
+    "round_activations",
     "row_slice",
 ]

@@ -74,24 +74,166 @@ class ActivationStore:
 class LayerRunner:
     """Runs transformers decoder layers on calibration mini-batches (causal, rotary positions)."""
 
-    def __init__(self, config: Any, arch: ArchSpec) -> None:
+    def __init__(self, config: Any, arch: ArchSpec, device: str | torch.device = "cpu") -> None:
         rotary = arch.rotary_class()
-        self.rotary = rotary(config) if rotary is not None else None
+        self.device = torch.device(device)
+        self.rotary = rotary(config).to(self.device) if rotary is not None else None
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Output of ``layer`` for hidden states ``x`` of shape ``(batch, seqlen, hidden)``."""
+        """Output of ``layer`` (already on the runner's device) for hidden states ``x`` ``(batch, seqlen, hidden)``.
+
+        Returns the output on the CPU.
+        """
+        x = x.to(self.device)
         batch, seqlen, _ = x.shape
-        positions = torch.arange(seqlen).unsqueeze(0).expand(batch, -1)
+        positions = torch.arange(seqlen, device=self.device).unsqueeze(0).expand(batch, -1)
         # an explicit additive causal mask: correct under every attention backend
-        mask = torch.full((seqlen, seqlen), float("-inf")).triu(1)[None, None].expand(batch, 1, -1, -1)
+        mask = torch.full((seqlen, seqlen), float("-inf"), device=self.device).triu(1)[None, None]
+        mask = mask.expand(batch, 1, -1, -1)
         kwargs: dict[str, Any] = {"attention_mask": mask.to(x.dtype), "position_ids": positions}
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(x, positions)
         with torch.no_grad():
             out = layer(x, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return (out[0] if isinstance(out, tuple) else out).cpu()
 
 
 def embed(tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
     """Input of the first decoder layer: embedding rows of ``tokens``, in float32."""
     return embedding[tokens].to(torch.float32)
+
+
+class InputStats:
+    """Second moments of one linear input over the calibration tokens: the Gram trick's raw material.
+
+    The output error of a linear with weight error ``E`` over tokens ``X`` is
+    ``mean_t |E x_t|^2 = sum((E @ G) * E)`` with ``G = X^T X / n``, so the search scores every
+    candidate without re-running the tokens.
+
+    Attributes:
+        gram: ``sum_t x_t x_t^T`` ``(C, C)``, float64.
+        abs_sum: ``sum_t |x_t|`` per channel, float64.
+        n: tokens seen.
+    """
+
+    def __init__(self, channels: int, device: str | torch.device = "cpu") -> None:
+        self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.gram += (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
+        self.abs_sum += x2.abs().sum(0).double()
+        self.n += x2.shape[0]
+
+    @property
+    def mean_gram(self) -> torch.Tensor:
+        """``G = X^T X / n`` in float32."""
+        return (self.gram / max(self.n, 1)).float().cpu()
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float().cpu()
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        """Mean of x^2 per channel: llama.cpp's importance-matrix entry for this input."""
+        return (torch.diagonal(self.gram) / max(self.n, 1)).float().cpu().numpy()
+
+    def divide(self, s: torch.Tensor) -> None:
+        """Statistics of ``x / s``: what the linear sees once ``s`` is folded into the op before it."""
+        s64 = s.double().to(self.gram.device)
+        self.gram /= s64[:, None] * s64[None, :]
+        self.abs_sum /= s64
+
+
+def capture_inputs(
+    layer: nn.Module,
+    modules: list[str],
+    store: ActivationStore,
+    runner: LayerRunner,
+    *,
+    write_outputs: bool,
+) -> dict[str, InputStats]:
+    """Run every stored mini-batch through ``layer``, accumulating input statistics of ``modules``.
+
+    Args:
+        layer: a decoder layer.
+        modules: names (relative to ``layer``) of linears whose inputs are recorded.
+        store: the layer's input activations; overwritten with its outputs when ``write_outputs``.
+        runner: runs the layer (mask, positions).
+        write_outputs: replace each mini-batch by the layer's output (the next layer's input).
+
+    Returns:
+        module name -> its `InputStats`.
+    """
+    stats: dict[str, InputStats] = {}
+    hooks = []
+    for name in modules:
+        module = layer.get_submodule(name)
+        stats[name] = InputStats(module.weight.shape[1], runner.device)
+        hooks.append(module.register_forward_pre_hook(lambda _m, args, st=stats[name]: st.add(args[0])))
+    try:
+        for i in range(len(store)):
+            y = runner(layer, store.read(i))
+            if write_outputs:
+                store.write(i, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+class CalibrationFlow:
+    """Calibration activations on their way through the model: embedded once, then layer by layer.
+
+    Args:
+        tokens: ``(n_samples, seqlen)`` token ids.
+        embedding: the token embedding matrix.
+        config: the model's transformers config.
+        arch: its architecture spec.
+        batch_size: windows per forward pass (bounds memory).
+        device: where layers run.
+
+    Example:
+        >>> flow = CalibrationFlow(tokens, ckpt.get(arch.embed), ckpt.config, arch, batch_size=8)
+        >>> stats = flow.capture(layer, ["mlp.down_proj"], write_outputs=True)  # layer's inputs -> outputs
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        embedding: torch.Tensor,
+        config: Any,
+        arch: ArchSpec,
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        directory: str | None = None,
+    ) -> None:
+        n, seqlen = tokens.shape
+        self.store = ActivationStore(
+            n, seqlen, embedding.shape[1], batch_size=batch_size, directory=directory
+        )
+        for i in range(len(self.store)):
+            self.store.write(i, embed(tokens[i * batch_size : (i + 1) * batch_size], embedding))
+        self.runner = LayerRunner(config, arch, device)
+
+    def capture(self, layer: nn.Module, modules: list[str], *, write_outputs: bool) -> dict[str, InputStats]:
+        """Input statistics of ``modules`` over all windows (and, if asked, step the windows through ``layer``)."""
+        stats = capture_inputs(
+            layer.to(self.runner.device), modules, self.store, self.runner, write_outputs=write_outputs
+        )
+        layer.to("cpu")  # the search and the codecs work on CPU tensors
+        return stats
+
+    def advance(self, layer: nn.Module) -> None:
+        """Replace every window by ``layer``'s output on it."""
+        layer = layer.to(self.runner.device)
+        for i in range(len(self.store)):
+            self.store.write(i, self.runner(layer, self.store.read(i)))
+        layer.to("cpu")
+
+    def close(self) -> None:
+        self.store.close()

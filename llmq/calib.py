@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,8 @@ def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None
     Args:
         cfg: the calibration settings.
         tokenizer: a transformers tokenizer of the model.
-        generate: for ``self``: a function ``(n_tokens, seed) -> str`` sampling text from the FP model.
+        generate: for ``self``: a function ``(cfg) -> (n_samples, seqlen)`` int64 tensor of token ids
+            sampled from the FP model (`sample_from_model`).
 
     Returns:
         An int64 tensor of token ids.
@@ -119,11 +121,11 @@ def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None
     if cfg.source == "self":
         if generate is None:
             raise LlmqError("--calib self needs the model to sample from")
-        texts = [generate(cfg.n_samples * cfg.seqlen + cfg.seqlen, cfg.seed)]
-    elif cfg.source.startswith("hub:"):
-        texts = read_texts(_hub_file(cfg.source[4:]))
-    else:
-        texts = read_texts(cfg.source)
+        tokens = generate(cfg)
+        assert tuple(tokens.shape) == (cfg.n_samples, cfg.seqlen), tuple(tokens.shape)
+        return tokens
+    hub = cfg.source.startswith("hub:")
+    texts = read_texts(_hub_file(cfg.source[4:]) if hub else cfg.source)
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for doc in texts:  # documents joined by EOS, as a model sees separate texts
@@ -133,6 +135,85 @@ def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None
     return windows(np.asarray(ids, dtype=np.int64), cfg)
 
 
+def sample_from_model(
+    model_dir: str | os.PathLike[str], cfg: CalibConfig, *, progress: bool = True
+) -> torch.Tensor:
+    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens sampled from the FP model itself (``--calib self``).
+
+    Each window starts at the BOS token (EOS if the model has none) and is sampled at temperature 1
+    with the full distribution, seeded by ``cfg.seed``, in batches. This is the one step that loads the
+    whole model (in float32); for large models prefer a calibration file.
+
+    Returns:
+        int64 ``(n_samples, seqlen)``; the first token of each window is the start token.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise LlmqError(f"{model_dir}: the tokenizer has neither BOS nor EOS to start sampling from")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = min(cfg.n_samples, 32)
+    out = torch.empty(cfg.n_samples, cfg.seqlen, dtype=torch.int64)
+    bar = tqdm(total=cfg.n_samples * cfg.seqlen, desc="calib self", unit="tok", disable=not progress)
+    with torch.no_grad():
+        for b0 in range(0, cfg.n_samples, batch):
+            n = min(batch, cfg.n_samples - b0)
+            ids = torch.full((n, 1), start, dtype=torch.int64)
+            out[b0 : b0 + n, 0] = start
+            past, cur = None, ids
+            for t in range(
+                1, cfg.seqlen
+            ):  # a plain sampling loop: seeded independently of transformers' generate
+                res = model(input_ids=cur, cache=past, use_cache=True)
+                past = res.cache
+                probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
+                cur = torch.multinomial(probs, 1, generator=gen)
+                out[b0 : b0 + n, t] = cur[:, 0]
+            bar.update(n * cfg.seqlen)
+    bar.close()
+    del model
+    return out
+
+
 def batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(tokens), batch_size):
         yield tokens[i : i + batch_size]
+
+
+@dataclass
+class Calibration:
+    """What an activation-aware search runs on: the token windows and how they were obtained."""
+
+    config: CalibConfig
+    tokens: torch.Tensor
+    seconds: float = 0.0
+
+    @property
+    def description(self) -> str:
+        n, seqlen = self.tokens.shape
+        return f"{self.config.source} ({n} x {seqlen} tokens)"
+
+
+def prepare_calibration(
+    model_dir: Path, calib: CalibConfig | torch.Tensor | None, *, progress: bool = True
+) -> Calibration:
+    """Token windows from a `CalibConfig` (default ``self``), or a caller's own ``(n, seqlen)`` tensor."""
+    t0 = time.perf_counter()
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim != 2 or calib.dtype not in (torch.int64, torch.int32):
+            raise LlmqError(
+                f"calibration tokens must be an integer (n_samples, seqlen) tensor, got {calib.dtype} {tuple(calib.shape)}"
+            )
+        return Calibration(CalibConfig("tensor", calib.shape[0], calib.shape[1]), calib.long())
+    cfg = calib or CalibConfig("self")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = calibration_tokens(
+        cfg, tokenizer, generate=lambda c: sample_from_model(model_dir, c, progress=progress)
+    )
+    return Calibration(cfg, tokens, time.perf_counter() - t0)

@@ -79,7 +79,25 @@ def render_card(
         bpw=f"{result.bits_per_weight:.2f}",
         type_rows=rows,
         quality=quality or NO_QUALITY,
+        calibration=result.calibration.description if result.calibration is not None else "none",
+        search=_search_text(result),
     )
+
+
+def _search_text(result: ConvertResult) -> str:
+    if not result.reports or result.calibration is None:
+        return "none (round to nearest)"
+    from .awq import summarize
+
+    s = summarize(list(result.reports))
+    text = (
+        f"output-error ratio after/before scaling {s['scale_loss_ratio']:.3f} (mean over scale groups), "
+        f"mean alpha {s['alpha_mean']:.2f}, mean clip ratio {s['clip_ratio_mean']:.3f}, "
+        f"{int(s['scale_fallbacks'])} groups kept unscaled"
+    )
+    if result.report_path is not None:
+        text += f"; per-layer report `{result.report_path.name}`"
+    return text
 
 
 def card_path(out: Path) -> Path:

@@ -27,11 +27,38 @@ def _convert(args: argparse.Namespace) -> int:
         embed_type=args.embed_type,
         method=args.method,
     )
+    calib_opts = [o for o in ("calib", "calib_samples", "calib_seqlen") if getattr(args, o) is not None]
+    if cfg.method != "awq" and calib_opts:
+        raise LlmqError(
+            f"--{calib_opts[0].replace('_', '-')} applies to --method awq, not --method {cfg.method}"
+        )
+    from .awq import AWQConfig
+    from .calib import CalibConfig
+
+    calib = CalibConfig(
+        args.calib or "self",
+        n_samples=128 if args.calib_samples is None else args.calib_samples,
+        seqlen=512 if args.calib_seqlen is None else args.calib_seqlen,
+        batch_size=args.calib_batch,
+        seed=args.seed,
+    )
+    awq = AWQConfig(
+        n_grid=args.awq_grid,
+        duo_scaling=not args.act_scaling,
+        scale=not args.no_scale,
+        clip=not args.no_clip,
+        weighted=not args.no_weighting,
+        inputs=args.awq_inputs,
+    )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
         args.src,
         args.output,
         cfg,
+        calib=calib,
+        awq=awq,
+        device=args.device,
+        write_report=not args.no_report,
         overwrite=args.force,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
@@ -76,6 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
         n_ctx=args.ctx,
         n_threads=args.threads,
         progress=not args.quiet,
+        exact_activations=args.exact_activations,
     )
     # With --json -, stdout carries only the JSON; the report goes to stderr.
     print(result.report(), file=sys.stderr if args.json == "-" else sys.stdout)
@@ -100,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a Hugging Face checkpoint into a GGUF file",
         description="Quantize a Hugging Face checkpoint (local directory or hub id) into a GGUF file. "
         "Give either --quant NAME, or a group-wise scheme with --bits/--group/--sym "
-        "(default: --bits 4 --group 32, asymmetric = Q4_1).",
+        "(default: --bits 4 --group 32, asymmetric = Q4_1). The default method, AWQ, calibrates on "
+        "--calib (default: text sampled from the model itself) and writes its report OUT.search.json.",
     )
     c.add_argument("src", help="model directory (config.json + *.safetensors) or hub id owner/name")
     c.add_argument("-o", "--output", help="output .gguf path (default: <model>-<quant>.gguf here)")
@@ -113,7 +142,50 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--embed-type", help="type of token embeddings and output (default Q8_0; F16 for float files)"
     )
-    c.add_argument("--method", default="rtn", help="search before encoding: rtn (round to nearest)")
+    c.add_argument(
+        "--method",
+        default="awq",
+        choices=("awq", "rtn"),
+        help="awq (default): activation-aware scales + clipping + importance-weighted encoding; "
+        "rtn: round to nearest, no calibration (float types always use rtn)",
+    )
+    a = c.add_argument_group("calibration and AWQ search (--method awq)")
+    a.add_argument(
+        "--calib",
+        metavar="SRC",
+        help="calibration text: a file (plain text, or .jsonl with a 'text' field), hub:<owner/dataset>[/file] "
+        "(default file for mit-han-lab/pile-val-backup), or self: sampled from the model (default, offline)",
+    )
+    a.add_argument("--calib-samples", type=int, metavar="N", help="calibration windows (default 128)")
+    a.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per window (default 512)")
+    a.add_argument(
+        "--calib-batch", type=int, default=8, metavar="B", help="windows per forward pass (default 8)"
+    )
+    a.add_argument("--seed", type=int, default=0, help="seed of window offsets and self-sampling (default 0)")
+    a.add_argument(
+        "--awq-inputs",
+        choices=("fp", "quant"),
+        default="quant",
+        help="next layer's calibration inputs: outputs of the quantized layer (default) or of the FP one "
+        "(fp: AutoAWQ's choice, one forward pass less per layer)",
+    )
+    a.add_argument(
+        "--awq-grid", type=int, default=20, metavar="N", help="scale exponent grid points (default 20)"
+    )
+    a.add_argument(
+        "--act-scaling", action="store_true", help="activation-only scales mean|x|^a (default: duo)"
+    )
+    a.add_argument("--no-scale", action="store_true", help="skip the scale search")
+    a.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    a.add_argument(
+        "--no-weighting",
+        action="store_true",
+        help="search and store with round-to-nearest, not importance-weighted",
+    )
+    a.add_argument(
+        "--device", default="cpu", help="where calibration forwards run: cpu (default), cuda, cuda:1 ..."
+    )
+    a.add_argument("--no-report", action="store_true", help="do not write OUT.search.json")
     c.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
     c.add_argument(
         "--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (trusted sources)"
@@ -159,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunks", type=int, metavar="N", help="evaluate at most N chunks (default: all)")
     e.add_argument("--ctx", type=int, default=512, metavar="N", help="tokens per chunk (default 512)")
     e.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT ('-' = stdout)")
+    e.add_argument(
+        "--exact-activations",
+        action="store_true",
+        help="numpy backend: keep linear inputs float32 (default: round them to 8 bits / f16 as llama.cpp's CPU does)",
+    )
     e.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp and torch")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_eval)

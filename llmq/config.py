@@ -16,7 +16,7 @@ _GGUF_BY_BITS: dict[tuple[int, bool], str] = {
     (8, True): "Q8_0",
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
-METHODS = ("rtn",)
+METHODS = ("awq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class QuantConfig:
         group_size: values sharing a scale: a multiple of 32, or -1 for one group per output row.
         sym: symmetric (no zero-point) quantization.
         embed_type: type of the token embedding and output tensors.
-        method: the search run before encoding (``rtn``: none, round to nearest).
+        method: the search run before encoding: ``awq`` (activation-aware scales and clipping on
+            calibration data, importance-weighted encoding) or ``rtn`` (none: round to nearest).
 
     Example:
         >>> QuantConfig(bits=4, group_size=128).codec_name
@@ -45,7 +46,7 @@ class QuantConfig:
     group_size: int = 32
     sym: bool = False
     embed_type: str | None = None
-    method: str = "rtn"
+    method: str = "awq"
 
     def __post_init__(self) -> None:
         if self.quant is not None:
@@ -76,6 +77,8 @@ class QuantConfig:
             get_codec(self.embed_type)
         if self.method not in METHODS:
             raise FormatError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.codec.is_float:  # nothing to search: float types store the weights as they are
+            object.__setattr__(self, "method", "rtn")
 
     @property
     def codec_name(self) -> str:

@@ -6,7 +6,9 @@ import dataclasses
 import itertools
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +16,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .activations import CalibrationFlow
 from .arch import ArchSpec, get_arch
 from .arch.hparams import llama3_rope_factors
+from .awq import AWQConfig, Target
+from .calib import CalibConfig, Calibration, prepare_calibration
 from .codecs import REGISTRY, GroupCodec
 from .config import QuantConfig
+from .errors import LlmqError
 from .plan import TensorPlan, plan_tensors
-from .search import get_search
+from .report import add_search_metadata, search_summary, write_search_report
+from .search import LayerReport, Search, get_search
 from .source import Checkpoint, resolve_source
 from .stream import LayerStream
 from .writers import GGUFStreamWriter, check_output
@@ -37,6 +44,9 @@ class ConvertResult:
     seconds: float
     source_nbytes: int
     card_path: Path | None = None
+    reports: tuple[LayerReport, ...] = ()
+    calibration: Calibration | None = None
+    report_path: Path | None = None
 
     @property
     def nbytes(self) -> int:
@@ -51,10 +61,15 @@ class ConvertResult:
         return 8 * sum(p.nbytes for p in self.plans) / self.n_params
 
     def summary(self) -> str:
-        return (
+        text = (
             f"wrote {self.path} ({self.nbytes / 2**20:.1f} MiB, {self.bits_per_weight:.2f} bits/weight) "
             f"in {self.seconds:.1f} s"
         )
+        if self.calibration is not None:
+            text += f"; AWQ calibrated on {self.calibration.description}"
+        if self.report_path is not None:
+            text += f"; report {self.report_path}"
+        return text
 
 
 def default_output(src: str | os.PathLike[str], cfg: QuantConfig) -> Path:
@@ -83,8 +98,11 @@ def to_gguf_layout(plan: TensorPlan, arch: ArchSpec, config: object, t: torch.Te
     return t.detach()
 
 
-def encode(plan: TensorPlan, t: torch.Tensor) -> np.ndarray:
-    """The bytes of one tensor in its planned type and grouping, encoded a slab of rows at a time."""
+def encode(plan: TensorPlan, t: torch.Tensor, importance: np.ndarray | None = None) -> np.ndarray:
+    """The bytes of one tensor in its planned type and grouping, encoded a slab of rows at a time.
+
+    ``importance`` (per column, for linears) selects llama.cpp's importance-weighted encoder.
+    """
     codec = REGISTRY[plan.codec]
     grouped = issubclass(codec, GroupCodec) and plan.group != codec.block_size
     rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
@@ -92,8 +110,113 @@ def encode(plan: TensorPlan, t: torch.Tensor) -> np.ndarray:
     step = max(1, CHUNK_VALUES // rows.shape[1])
     for start in range(0, rows.shape[0], step):
         x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
-        out[start : start + step] = codec.encode_grouped(x, plan.group) if grouped else codec.encode(x)
+        if grouped:
+            out[start : start + step] = codec.encode_grouped(x, plan.group, importance)
+        else:
+            out[start : start + step] = codec.encode(x, importance)
     return out
+
+
+def module_name(plan: TensorPlan, arch: ArchSpec) -> str:
+    """A layer tensor's module, relative to its decoder layer (``mlp.down_proj``)."""
+    assert plan.source is not None and plan.layer is not None, plan
+    return plan.source.removeprefix(arch.layer_prefix.format(i=plan.layer)).rsplit(".", 1)[0]
+
+
+def layer_targets(plans: list[TensorPlan], arch: ArchSpec) -> dict[str, Target]:
+    """How each linear of one layer will be stored, keyed by module name."""
+    return {module_name(p, arch): Target(p.codec, p.group) for p in plans if p.role == "linear"}
+
+
+def quantized_tensors(
+    ckpt: Checkpoint,
+    arch: ArchSpec,
+    plans: list[TensorPlan],
+    search: Search,
+    *,
+    calibration: Calibration | None,
+    reports: list[LayerReport],
+    awq: AWQConfig | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "",
+) -> Iterator[tuple[TensorPlan, np.ndarray]]:
+    """Every planned tensor's bytes, in plan order, running ``search`` on each decoder layer first.
+
+    Appends one `LayerReport` per decoder layer to ``reports``.
+    """
+    stream = LayerStream(ckpt, arch)
+    inputs = (awq or AWQConfig()).inputs
+    flow = None
+    if search.needs_activations:
+        if calibration is None:
+            raise LlmqError(f"--method {search.name} needs calibration data")
+        flow = CalibrationFlow(
+            calibration.tokens, ckpt.get(arch.embed), ckpt.config, arch, batch_size=batch_size, device=device
+        )
+    bar = tqdm(total=stream.n_layers, desc=desc, unit="layer", disable=not progress)
+    try:
+        for index, group_iter in itertools.groupby(plans, key=lambda p: p.layer):
+            group = list(group_iter)
+            if index is None:  # embeddings, final norm, output: read straight from the checkpoint
+                for p in group:
+                    t = (
+                        torch.from_numpy(llama3_rope_factors(ckpt.config))
+                        if p.source is None
+                        else ckpt.get(p.source)
+                    )
+                    yield p, encode(p, to_gguf_layout(p, arch, ckpt.config, t))
+                    del t
+                ckpt.release()
+                continue
+            layer = stream.load(index)  # materialize one layer
+            targets = layer_targets(group, arch)
+            stats = None
+            if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
+                stats = flow.capture(layer, search.capture_modules(arch), write_outputs=inputs == "fp")
+            report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
+            params = layer.state_dict()
+            prefix = arch.layer_prefix.format(i=index)
+            for p in group:  # quantize + write
+                x = to_gguf_layout(p, arch, ckpt.config, params[p.source.removeprefix(prefix)])
+                imp = report.importance.get(module_name(p, arch)) if p.role == "linear" else None
+                yield p, encode(p, x, imp)
+            if flow is not None and inputs == "quant":  # next inputs from the layer as quantized
+                load_quantized(layer, targets, report)
+                flow.advance(layer)
+            reports.append(report)
+            if report.details:
+                log.info("layer %d: %s", index, _layer_line(report))
+            del layer, params, stats  # free before the next layer
+            ckpt.release()
+            bar.update(1)
+    finally:
+        bar.close()
+        if flow is not None:
+            flow.close()
+
+
+def load_quantized(layer: torch.nn.Module, targets: dict[str, Target], report: LayerReport) -> None:
+    """Replace each linear's weight by its stored (quantized, decoded) values."""
+    with torch.no_grad():
+        for name, t in targets.items():
+            module = layer.get_submodule(name)
+            q = t.fake_quant(module.weight.data.numpy(), report.importance.get(name))
+            module.weight.copy_(torch.from_numpy(q))
+
+
+def _layer_line(report: LayerReport) -> str:
+    parts = []
+    for g in report.details.get("scales", []):
+        if "loss_before" in g:
+            alpha = "none" if g.get("fallback") else f"{g['alpha']:.2f}"
+            parts.append(f"{g['prev']}: loss {g['loss_before']:.4g} -> {g['loss_after']:.4g} (alpha {alpha})")
+    clips = report.details.get("clip", {})
+    if clips:
+        ratios = [c["mean_ratio"] for c in clips.values()]
+        parts.append(f"clip mean ratio {sum(ratios) / len(ratios):.3f}")
+    return "; ".join(parts)
 
 
 def convert(
@@ -101,10 +224,14 @@ def convert(
     out: str | os.PathLike[str] | None = None,
     config: QuantConfig | None = None,
     *,
+    calib: CalibConfig | torch.Tensor | None = None,
+    awq: AWQConfig | None = None,
+    device: str = "cpu",
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
     write_card: bool = True,
+    write_report: bool = True,
     command: str | None = None,
 ) -> ConvertResult:
     """Quantize a Hugging Face checkpoint into a GGUF file that llama.cpp runs.
@@ -112,19 +239,25 @@ def convert(
     Args:
         src: model directory or hub id (``owner/name``).
         out: output path; default ``<model>-<quant>.gguf`` in the current directory.
-        config: quantization settings (default: 4-bit asymmetric, groups of 32 = ``Q4_1``).
+        config: quantization settings (default: AWQ, 4-bit asymmetric, groups of 32 = ``Q4_1``).
+        calib: calibration for ``method="awq"``: a `CalibConfig` (default: ``self``, text sampled
+            from the model) or your own int64 ``(n_samples, seqlen)`` token tensor.
+        awq: AWQ search settings (default `AWQConfig()`).
+        device: where calibration forwards run (``cpu``, ``cuda``); the codecs run on the CPU.
         overwrite: replace an existing output.
         allow_pickle: accept ``.bin`` checkpoints (loaded with ``weights_only=True``).
         progress: show progress bars.
         write_card: write the model card ``<out>.md`` beside the file.
+        write_report: for a search, write its per-layer JSON report ``<out>.search.json`` beside the file.
         command: the command line recorded in the model card.
 
     Returns:
-        A `ConvertResult` (path, per-tensor plan, timing).
+        A `ConvertResult` (path, per-tensor plan, timing, search reports).
 
     Example:
         >>> import llmq
-        >>> llmq.convert("SmolLM2-135M-Instruct", "smol-q4.gguf", llmq.QuantConfig(bits=4, group_size=128))
+        >>> llmq.convert("SmolLM2-135M-Instruct", "smol-q4.gguf", llmq.QuantConfig(bits=4, group_size=128),
+        ...              calib=llmq.CalibConfig("groups_merged.txt"))
     """
     t0 = time.perf_counter()
     cfg = config or QuantConfig()
@@ -134,12 +267,19 @@ def convert(
     plans = plan_tensors(ckpt, arch, cfg)
     out_path = Path(out) if out is not None else default_output(src, cfg)
     check_output(out_path, overwrite=overwrite)
-    stream = LayerStream(ckpt, arch)
-    search = get_search(cfg.method)
+    awq = awq or AWQConfig()
+    search = get_search(cfg.method, awq)
     for p in plans:
         if p.note:
             log.info("%s: %s", p.name, p.note)
+    calibration = None
+    if search.needs_activations:
+        calibration = prepare_calibration(model_dir, calib, progress=progress)
+        log.info("calibration: %s", calibration.description)
+        if progress:  # say which source was used, also when it is the default
+            print(f"llmq: calibration: {calibration.description}", file=sys.stderr)
 
+    reports: list[LayerReport] = []
     with GGUFStreamWriter(out_path, arch.gguf_arch_name, overwrite=overwrite) as w:
         add_general(
             w.gguf,
@@ -148,40 +288,41 @@ def convert(
             n_params=sum(p.n_params for p in plans),
             codec_name=cfg.codec_name,
         )
-        add_hparams(w.gguf, ckpt.config, stream.n_layers)
+        add_hparams(w.gguf, ckpt.config, int(getattr(ckpt.config, arch.n_layers_key)))
         from .writers.tokenizer import add_tokenizer
 
         add_tokenizer(w.gguf, model_dir)
+        add_search_metadata(w, cfg, awq if search.needs_activations else None, calibration)
         w.begin(plans)
-        bar = tqdm(
-            total=stream.n_layers, desc=f"{cfg.method} {cfg.label}", unit="layer", disable=not progress
-        )
-        for index, group in itertools.groupby(plans, key=lambda p: p.layer):
-            if index is None:  # embeddings, final norm, output: read straight from the checkpoint
-                for p in group:
-                    t = (
-                        torch.from_numpy(llama3_rope_factors(ckpt.config))
-                        if p.source is None
-                        else ckpt.get(p.source)
-                    )
-                    w.write(p, encode(p, to_gguf_layout(p, arch, ckpt.config, t)))
-                    del t
-                ckpt.release()
-                continue
-            layer = stream.load(index)  # materialize one layer
-            search.run(layer, index, None, arch, cfg)  # search (scales, clip) in place
-            params = layer.state_dict()
-            prefix = arch.layer_prefix.format(i=index)
-            for p in group:  # quantize + write
-                x = to_gguf_layout(p, arch, ckpt.config, params[p.source.removeprefix(prefix)])
-                w.write(p, encode(p, x))
-            del layer, params  # free before the next layer
-            ckpt.release()
-            bar.update(1)
-        bar.close()
+        for p, data in quantized_tensors(
+            ckpt,
+            arch,
+            plans,
+            search,
+            calibration=calibration,
+            reports=reports,
+            awq=awq,
+            batch_size=calibration.config.batch_size if calibration else 8,
+            device=device,
+            progress=progress,
+            desc=f"{cfg.method} {cfg.label}",
+        ):
+            w.write(p, data)
+        seconds = time.perf_counter() - t0
+        if search.needs_activations:
+            w.patch(search_summary(reports, seconds))
         w.commit()
 
-    result = ConvertResult(out_path, tuple(plans), time.perf_counter() - t0, ckpt.nbytes())
+    result = ConvertResult(
+        out_path,
+        tuple(plans),
+        time.perf_counter() - t0,
+        ckpt.nbytes(),
+        reports=tuple(reports),
+        calibration=calibration,
+    )
+    if write_report and search.needs_activations:
+        result = dataclasses.replace(result, report_path=write_search_report(result, cfg, awq))
     if write_card:
         from .card import write_card as _write_card
 

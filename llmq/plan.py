@@ -18,9 +18,21 @@ from .source import Checkpoint
 
 log = logging.getLogger(__name__)
 
-# A type whose blocks do not tile a row falls back to the next type that stores it (llama-quantize
-# does the same in `llama_tensor_get_type`); every legacy type has 32-value blocks, so that is F16.
-FALLBACK = {"Q4_0": "F16", "Q4_1": "F16", "Q5_0": "F16", "Q5_1": "F16", "Q8_0": "F16"}
+# A type whose blocks do not tile a row falls back to a type that stores it (llama-quantize does the
+# same in `llama_tensor_get_type`): legacy types (32-value blocks) to F16, K-quants (256) to its legacy
+# choices (Q2_K/Q3_K go to IQ4_NL there, which llmq does not write: Q4_0 here).
+FALLBACK = {
+    "Q4_0": "F16",
+    "Q4_1": "F16",
+    "Q5_0": "F16",
+    "Q5_1": "F16",
+    "Q8_0": "F16",
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,10 @@ def _choose(shape: tuple[int, ...], want: str, group: int) -> tuple[str, int, st
         note = f"last group of each row holds {shape[-1] % g}" if shape[-1] % g else ""
         return want, g, note
     fallback = FALLBACK.get(want, "F16")
-    return fallback, 1, f"row of {shape[-1]} is not a multiple of {codec.block_size}: {want} -> {fallback}"
+    if not REGISTRY[fallback].can_store(shape):
+        fallback = "F16"
+    note = f"row of {shape[-1]} is not a multiple of {codec.block_size}: {want} -> {fallback}"
+    return fallback, REGISTRY[fallback].block_size, note
 
 
 def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[TensorPlan]:

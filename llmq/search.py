@@ -8,23 +8,34 @@ plugs in here with ``needs_activations = True``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 from torch import nn
 
 from .arch import ArchSpec
-from .config import QuantConfig
 from .errors import FormatError
+
+if TYPE_CHECKING:
+    from .activations import InputStats
+    from .awq import Target
 
 
 @dataclass
 class LayerReport:
-    """What a search did to one layer (a JSON-friendly ``details`` dict)."""
+    """What a search did to one layer (a JSON-friendly ``details`` dict).
+
+    ``importance`` maps a linear (name relative to the layer) to the per-column importance its
+    encoder must use, or None for round-to-nearest; it is not part of the JSON report.
+    """
 
     layer: int
     method: str
     details: dict[str, Any] = field(default_factory=dict)
+    importance: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "method": self.method, **self.details}
 
 
 class Search(Protocol):
@@ -34,8 +45,15 @@ class Search(Protocol):
     # whether the pipeline must capture this layer's calibration inputs for it
     needs_activations: bool
 
+    def capture_modules(self, arch: ArchSpec) -> list[str]: ...
+
     def run(
-        self, layer: nn.Module, index: int, inputs: torch.Tensor | None, arch: ArchSpec, cfg: QuantConfig
+        self,
+        layer: nn.Module,
+        index: int,
+        stats: dict[str, InputStats] | None,
+        targets: dict[str, Target],
+        arch: ArchSpec,
     ) -> LayerReport: ...
 
 
@@ -45,16 +63,26 @@ class RoundToNearest:
     name = "rtn"
     needs_activations = False
 
+    def capture_modules(self, arch: ArchSpec) -> list[str]:
+        return []
+
     def run(
-        self, layer: nn.Module, index: int, inputs: torch.Tensor | None, arch: ArchSpec, cfg: QuantConfig
+        self,
+        layer: nn.Module,
+        index: int,
+        stats: dict[str, InputStats] | None,
+        targets: dict[str, Target],
+        arch: ArchSpec,
     ) -> LayerReport:
         return LayerReport(index, self.name)
 
 
-SEARCHES: dict[str, type] = {"rtn": RoundToNearest}
+def get_search(method: str, awq: Any = None) -> Search:
+    """The search step named ``method`` (``rtn`` or ``awq``; ``awq`` takes an `AWQConfig`)."""
+    if method == "rtn":
+        return RoundToNearest()
+    if method == "awq":
+        from .awq import AWQSearch
 
-
-def get_search(method: str) -> Search:
-    if method not in SEARCHES:
-        raise FormatError(f"--method {method}: choose one of {', '.join(SEARCHES)}")
-    return SEARCHES[method]()
+        return AWQSearch(awq)
+    raise FormatError(f"--method {method}: choose one of rtn, awq")

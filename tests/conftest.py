@@ -51,3 +51,12 @@ def wikitext_path() -> Path:
     if not path.is_file():
         pytest.fail(f"WikiText-2 test text not found at {path} (the shared data folder sits beside the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def calibration_path() -> Path:
+    """The calibration text (``groups_merged.txt``) in ``../shared/data`` — never the evaluation text."""
+    path = ROOT.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
+    if not path.is_file():
+        pytest.fail(f"calibration text not found at {path} (the shared data folder sits beside the repo)")
+    return path

@@ -11,6 +11,9 @@ from llmq.errors import FormatError
 
 CODECS = sorted(REGISTRY)
 GROUPED = sorted(n for n, c in REGISTRY.items() if issubclass(c, GroupCodec))
+# gguf-py has no quantizer for these; tests/test_kquants.py compares their bytes with libggml's
+K_QUANTS = sorted(n for n in REGISTRY if n.endswith("_K"))
+GGUF_QUANTIZABLE = sorted(n for n in CODECS if n not in K_QUANTS)
 
 
 def _cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -29,7 +32,7 @@ def _cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("name", GGUF_QUANTIZABLE)
 def test_encode_is_byte_identical_to_gguf_reference(name: str) -> None:
     codec = REGISTRY[name]
     for label, x in _cases(np.random.default_rng(0)).items():
@@ -52,7 +55,7 @@ def test_decode_equals_gguf_dequantize(name: str) -> None:
 @pytest.mark.parametrize("name", CODECS)
 def test_round_trip_error_bound(name: str) -> None:
     codec = REGISTRY[name]
-    x = np.random.default_rng(2).standard_normal((16, 128)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((16, 256)).astype(np.float32)  # whole K-quant blocks
     err = np.abs(codec.decode(codec.encode(x), x.shape) - x)
     if codec.is_float:
         assert err.max() <= np.abs(x).max() * 2.0**-7  # bf16 has 8 significant bits
@@ -63,6 +66,8 @@ def test_round_trip_error_bound(name: str) -> None:
             bound = amax / 2 ** (codec.bits - 1)
         else:
             bound = 0.5 * (blocks.max(axis=1) - blocks.min(axis=1)) / (2**codec.bits - 1)
+            if name in K_QUANTS:  # quantized sub-block scales/mins, and a search that may clip: a full step
+                bound = 2 * bound
         bound = bound + amax * 2e-3 + 1e-6  # f16 rounding of d (and m)
         assert (err.reshape(-1, codec.block_size).max(axis=1) <= bound).all()
 

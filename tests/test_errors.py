@@ -46,7 +46,7 @@ def test_truncated_safetensors(sharded: Path, tmp_path: Path, capsys: pytest.Cap
     shard.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
     out.mkdir()
-    code, err = run(["convert", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
+    code, err = run(["convert", "--method", "rtn", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
     assert_clean_failure(code, err, out, shard.name)
 
 
@@ -56,7 +56,7 @@ def test_missing_shard(sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     shard.unlink()
     out = tmp_path / "out"
     out.mkdir()
-    code, err = run(["convert", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
+    code, err = run(["convert", "--method", "rtn", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
     assert_clean_failure(code, err, out, shard.name, "missing")
 
 
@@ -68,7 +68,7 @@ def test_unsupported_architecture(sharded: Path, tmp_path: Path, capsys: pytest.
     (model / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     out.mkdir()
-    code, err = run(["convert", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
+    code, err = run(["convert", "--method", "rtn", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
     assert_clean_failure(code, err, out, "GPTNeoXForCausalLM", "LlamaForCausalLM")
 
 
@@ -85,7 +85,9 @@ def test_unsupported_architecture(sharded: Path, tmp_path: Path, capsys: pytest.
 def test_options_the_format_cannot_hold(
     sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], needle: str
 ) -> None:
-    code, err = run(["convert", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q", *flags], capsys)
+    code, err = run(
+        ["convert", "--method", "rtn", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q", *flags], capsys
+    )
     assert_clean_failure(code, err, tmp_path, needle)
 
 
@@ -94,10 +96,10 @@ def test_existing_output_is_not_overwritten(
 ) -> None:
     out = tmp_path / "x.gguf"
     out.write_bytes(b"precious")
-    code, err = run(["convert", str(sharded), "-o", str(out), "-q"], capsys)
+    code, err = run(["convert", "--method", "rtn", str(sharded), "-o", str(out), "-q"], capsys)
     assert code != 0 and "already exists" in err and str(out) in err and len(err.splitlines()) == 1
     assert out.read_bytes() == b"precious"
-    assert main(["convert", str(sharded), "-o", str(out), "-q", "--force"]) == 0
+    assert main(["convert", "--method", "rtn", str(sharded), "-o", str(out), "-q", "--force"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
 
 
@@ -117,9 +119,12 @@ def test_pickle_checkpoint_refused_unless_allowed(
     torch.save(state, model / "pytorch_model.bin")
     out = tmp_path / "out"
     out.mkdir()
-    code, err = run(["convert", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
+    code, err = run(["convert", "--method", "rtn", str(model), "-o", str(out / "x.gguf"), "-q"], capsys)
     assert_clean_failure(code, err, out, "pytorch_model.bin", "--allow-pickle")
-    assert main(["convert", str(model), "-o", str(out / "x.gguf"), "-q", "--allow-pickle"]) == 0
+    assert (
+        main(["convert", "--method", "rtn", str(model), "-o", str(out / "x.gguf"), "-q", "--allow-pickle"])
+        == 0
+    )
 
 
 def test_interrupted_conversion_leaves_no_file(
@@ -130,20 +135,25 @@ def test_interrupted_conversion_leaves_no_file(
     calls = {"n": 0}
     original = llmq.pipeline.encode
 
-    def failing(plan, x):  # noqa: ANN001
+    def failing(plan, x, importance=None):  # noqa: ANN001
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return original(plan, x)
+        return original(plan, x, importance)
 
     monkeypatch.setattr(llmq.pipeline, "encode", failing)
-    assert main(["convert", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q"]) == 130
+    assert main(["convert", "--method", "rtn", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q"]) == 130
     assert list(tmp_path.iterdir()) == []
 
 
 def test_not_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = run(["convert", str(tmp_path / "nope" / "missing"), "-o", str(tmp_path / "x.gguf")], capsys)
+    code, err = run(
+        ["convert", "--method", "rtn", str(tmp_path / "nope" / "missing"), "-o", str(tmp_path / "x.gguf")],
+        capsys,
+    )
     assert code != 0 and "missing" in err
     (tmp_path / "empty").mkdir()
-    code, err = run(["convert", str(tmp_path / "empty"), "-o", str(tmp_path / "x.gguf")], capsys)
+    code, err = run(
+        ["convert", "--method", "rtn", str(tmp_path / "empty"), "-o", str(tmp_path / "x.gguf")], capsys
+    )
     assert code != 0 and "config.json" in err

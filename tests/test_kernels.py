@@ -17,6 +17,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 from llmq.kernels import FORMATS, AWQPacked, GGUFBlockFormat, dequantize, matmul, pack_awq, row_slice
 
+from llmq.codecs import get_codec
 from llmq.errors import FormatError
 
 ALL = list(FORMATS)
@@ -47,9 +48,17 @@ _RANDOM: dict[str, Callable[[int, int, np.random.Generator], Any]] = {"AWQ_INT4"
 
 
 def quantized(name: str, w: np.ndarray) -> Any:
-    """Packed data for float weight ``w`` (gguf-py's quantizer for GGUF types), as raw bytes."""
+    """Packed data for float weight ``w`` (gguf-py's quantizer for GGUF types), as raw bytes.
+
+    gguf-py cannot quantize the K-quants; llmq's codec (byte-checked against libggml in
+    tests/test_kquants.py) makes their bytes.
+    """
     if name in GGUF:
-        return np.ascontiguousarray(quants.quantize(w, GGMLQuantizationType[name])).view(np.uint8)
+        try:
+            data = quants.quantize(w, GGMLQuantizationType[name])
+        except NotImplementedError:
+            data = get_codec(name).encode(w)
+        return np.ascontiguousarray(data).view(np.uint8)
     assert name in _PACKERS, f"add a packer for the new kernel format {name} to tests/test_kernels.py"
     return _PACKERS[name](w)
 
@@ -306,3 +315,47 @@ def test_bad_x_or_tile(name: str) -> None:
         matmul(np.ones((2, K + 1), np.float32), packed, name, (N, K))
     with pytest.raises(FormatError, match="tile_rows must be >= 1"):
         matmul(np.ones((2, K), np.float32), packed, name, (N, K), tile_rows=0)
+
+
+def test_round_activations_is_llama_cpp_q8_rounding() -> None:
+    """8-bit activation rounding equals a Q8_0 round trip through gguf-py (llama.cpp's reference
+    quantize_row_q8_0) except at exact ties; F16 weights round activations to f16; F32 leaves them."""
+    from llmq.kernels import VEC_DOT_TYPE, round_activations
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 30, (64, 1))).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block
+    ref = gguf.quants.dequantize(
+        gguf.quants.quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    )
+    for fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        assert VEC_DOT_TYPE[fmt] in ("Q8_0", "Q8_1")
+        got = round_activations(x, fmt)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        assert np.mean(got == ref) > 0.999
+        np.testing.assert_allclose(got, ref, atol=np.abs(x).max() / 127 + 1e-6)
+    np.testing.assert_array_equal(round_activations(x, "F16"), x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(round_activations(x, "F32"), x)
+    with pytest.raises(FormatError, match="blocks of 32"):
+        round_activations(x[:, :40], "Q4_0")
+
+
+def test_round_activations_q8_k_for_k_quants() -> None:
+    """K-quant weights take Q8_K activations: blocks of 256, the signed max maps to -127, f32 scale."""
+    from llmq.kernels import round_activations
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, 512)) * rng.uniform(0.1, 10, (8, 1))).astype(np.float32)
+    x[1, :256] = 0.0
+    blocks = x.reshape(-1, 256)
+    mx = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(1)]
+    with np.errstate(divide="ignore"):
+        d = np.where(mx != 0, 1 / (np.float32(-127) / mx), 0).astype(np.float32)[:, None]
+    for fmt in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        got = round_activations(x, fmt).reshape(-1, 256)
+        q = np.divide(got, d, out=np.zeros_like(got), where=d != 0)
+        np.testing.assert_allclose(q, np.rint(q), atol=1e-3)  # integer multiples of the block scale
+        assert (np.abs(q) <= 127.001).all() and np.all(got[2] == 0) == np.all(blocks[2] == 0)
+        assert (np.abs(got - blocks) <= np.abs(d) / 2 + 1e-6).all()
+    with pytest.raises(FormatError, match="blocks of 256"):
+        round_activations(x[:, :288], "Q4_K")

@@ -67,7 +67,7 @@ def llmq_files(reference_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
         quant: llmq.convert(
             reference_model_dir,
             out / f"smol-{quant}.gguf",
-            llmq.QuantConfig(quant=quant),
+            llmq.QuantConfig(method="rtn", quant=quant),
             progress=False,
             write_card=False,
         ).path

@@ -16,13 +16,13 @@ from llmq.codecs import REGISTRY, GroupCodec
 pytestmark = pytest.mark.integration
 
 CONFIGS = {
-    "F16": llmq.QuantConfig(quant="F16"),
-    "BF16": llmq.QuantConfig(quant="BF16"),
-    "Q8_0": llmq.QuantConfig(quant="Q8_0"),
-    "Q4_0": llmq.QuantConfig(quant="Q4_0"),
-    "Q4_1": llmq.QuantConfig(quant="Q4_1"),
-    "g128": llmq.QuantConfig(bits=4, group_size=128),
-    "g128-sym": llmq.QuantConfig(bits=4, group_size=128, sym=True),
+    "F16": llmq.QuantConfig(method="rtn", quant="F16"),
+    "BF16": llmq.QuantConfig(method="rtn", quant="BF16"),
+    "Q8_0": llmq.QuantConfig(method="rtn", quant="Q8_0"),
+    "Q4_0": llmq.QuantConfig(method="rtn", quant="Q4_0"),
+    "Q4_1": llmq.QuantConfig(method="rtn", quant="Q4_1"),
+    "g128": llmq.QuantConfig(method="rtn", bits=4, group_size=128),
+    "g128-sym": llmq.QuantConfig(method="rtn", bits=4, group_size=128, sym=True),
 }
 N_CHUNKS = 40
 
@@ -45,7 +45,21 @@ def test_cli_convert_bits4_group128_runs_in_llama_cpp(reference_model_dir: Path,
 
     out = tmp_path / "out.gguf"
     assert (
-        main(["convert", str(reference_model_dir), "--bits", "4", "--group", "128", "-o", str(out), "-q"])
+        main(
+            [
+                "convert",
+                "--method",
+                "rtn",
+                str(reference_model_dir),
+                "--bits",
+                "4",
+                "--group",
+                "128",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
         == 0
     )
     text = greedy_generate(out, "The capital of France is", n_tokens=16)

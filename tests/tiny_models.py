@@ -55,8 +55,13 @@ def make_tiny_llama(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     rope_scaling: dict | None = None,
+    outliers: float = 0.0,
 ) -> Path:
-    """Save a random `LlamaForCausalLM` checkpoint (safetensors, optionally sharded) with a tokenizer."""
+    """Save a random `LlamaForCausalLM` checkpoint (safetensors, optionally sharded) with a tokenizer.
+
+    ``outliers`` > 0 multiplies a few channels of every norm by that factor, giving the activation
+    outlier channels real LLMs have (what AWQ's scales are for).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = make_tokenizer(out)
@@ -82,6 +87,13 @@ def make_tiny_llama(
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.05 * torch.randn_like(p))
+        if outliers:
+            channels = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed))[
+                : max(1, hidden // 32)
+            ]
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p[channels] *= outliers
     model = model.to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)

@@ -29,7 +29,8 @@ SNIPPETS = {
     "total = sum(float(p.float().abs().sum()) for p in m.parameters())",
 }
 CONVERT = (
-    IMPORTS + "\nllmq.convert({model!r}, {out!r}, llmq.QuantConfig({args}), progress=False, overwrite=True)"
+    IMPORTS
+    + "\nllmq.convert({model!r}, {out!r}, llmq.QuantConfig(method='rtn', {args}), progress=False, overwrite=True)"
 )
 
 

@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from . import floats, legacy  # noqa: F401  (registers the classes)
+from . import floats, kquants, legacy  # noqa: F401  (registers the classes)
 from .base import REGISTRY, Codec, GroupCodec, get_codec
 
 __all__ = ["REGISTRY", "Codec", "GroupCodec", "get_codec"]

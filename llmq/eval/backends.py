@@ -70,6 +70,7 @@ def open_backend(
     n_ctx: int = 512,
     n_threads: int | None = None,
     option: str = "--backend",
+    exact_activations: bool = False,
 ) -> Backend:
     """Load `model` on a backend, ready to score chunks of `n_ctx` tokens.
 
@@ -79,6 +80,8 @@ def open_backend(
         n_ctx: tokens per chunk (llama.cpp sizes its context to it).
         n_threads: CPU threads (llama.cpp's threads, torch's intra-op threads); None = defaults.
         option: the option named in error messages.
+        exact_activations: numpy backend only: keep linear inputs float32 instead of rounding them
+            as llama.cpp's CPU backend does.
 
     Returns:
         A `Backend`; call its `close()` when done.
@@ -99,7 +102,7 @@ def open_backend(
     if kind == "numpy":
         from .numpy_backend import NumpyBackend
 
-        return NumpyBackend(model, n_threads=n_threads)
+        return NumpyBackend(model, n_threads=n_threads, round_activations=not exact_activations)
     return TorchBackend(resolve_source(model), n_threads=n_threads)
 
 

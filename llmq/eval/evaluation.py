@@ -174,6 +174,7 @@ def evaluate(
     n_ctx: int = 512,
     n_threads: int | None = None,
     progress: bool = True,
+    exact_activations: bool = False,
 ) -> EvalResult:
     """Perplexity of `model` on `text` with llama-perplexity's protocol, optionally against `ref`.
 
@@ -192,6 +193,8 @@ def evaluate(
         n_ctx: tokens per chunk (llama-perplexity's `-c`).
         n_threads: CPU threads for llama.cpp and torch; None = their defaults.
         progress: show a progress bar with the running PPL (and KL).
+        exact_activations: numpy backend: multiply with float32 activations instead of rounding them
+            to llama.cpp's 8-bit (Q8_0/Q8_1) or f16 activation types first.
 
     Returns:
         An `EvalResult`; `.report()` formats it, `.to_dict()` gives JSON-ready figures.
@@ -211,9 +214,20 @@ def evaluate(
     ref_kind = None if ref is None else resolve_backend(ref, ref_backend, option="--ref-backend")
     opened: list[Backend] = []
     try:
-        opened.append(open_backend(model, kind, n_ctx=n_ctx, n_threads=n_threads))
+        opened.append(
+            open_backend(model, kind, n_ctx=n_ctx, n_threads=n_threads, exact_activations=exact_activations)
+        )
         if ref is not None:
-            opened.append(open_backend(ref, ref_kind or "auto", n_ctx=n_ctx, n_threads=n_threads))
+            opened.append(
+                open_backend(
+                    ref,
+                    ref_kind or "auto",
+                    n_ctx=n_ctx,
+                    n_threads=n_threads,
+                    option="--ref-backend",
+                    exact_activations=exact_activations,
+                )
+            )
         # One token stream for all: llama.cpp's tokenizer of a GGUF when there is one.
         tokenizer = opened[1] if ref is not None and not is_gguf(model) and is_gguf(ref) else opened[0]
         tokens = tokenizer.tokenize(body)

@@ -64,16 +64,30 @@ class KernelLinear(nn.Module):
         fmt: GGUF type name ("Q4_0", "F16", ...).
         shape: (N, K) = (output features, input features).
         rows: optional index map applied to the output features (un-permutes rotary rows).
+        round_activations: round x as llama.cpp's CPU dot product does for this weight type
+            (8-bit blocks for quantized types, f16 for F16; `llmq.kernels.round_activations`).
     """
 
-    def __init__(self, packed: np.ndarray, fmt: str, shape: tuple[int, int], rows: np.ndarray | None = None):
+    def __init__(
+        self,
+        packed: np.ndarray,
+        fmt: str,
+        shape: tuple[int, int],
+        rows: np.ndarray | None = None,
+        *,
+        round_activations: bool = False,
+    ):
         super().__init__()
         self.packed, self.fmt, self.shape = packed, fmt, shape
         self.rows = rows
+        self.round_activations = round_activations
         self.in_features, self.out_features = shape[1], shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.matmul(x.detach().float().contiguous().numpy(), self.packed, self.fmt, self.shape)
+        xs = x.detach().float().contiguous().numpy()
+        if self.round_activations:
+            xs = kernels.round_activations(xs, self.fmt)
+        y = kernels.matmul(xs, self.packed, self.fmt, self.shape)
         if self.rows is not None:
             y = y[..., self.rows]
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
@@ -150,11 +164,15 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path) -> Any:
     )
 
 
-def build_model(path: str | os.PathLike[str]) -> tuple[nn.Module, gguf.GGUFReader]:
+def build_model(
+    path: str | os.PathLike[str], *, round_activations: bool = True
+) -> tuple[nn.Module, gguf.GGUFReader]:
     """A transformers `LlamaForCausalLM` whose linears compute on a GGUF's packed tensors.
 
     Args:
         path: a llama-architecture GGUF.
+        round_activations: round each linear's input as llama.cpp's CPU backend does (see
+            `KernelLinear`); False keeps float32 activations (exact arithmetic on the decoded weights).
 
     Returns:
         (model in eval mode, the memory-mapped reader that owns the packed bytes).
@@ -201,7 +219,13 @@ def build_model(path: str | os.PathLike[str]) -> tuple[nn.Module, gguf.GGUFReade
             _set_module(
                 model,
                 module_name,
-                KernelLinear(packed, _fmt(t, path), shape, _rope_rows(arch, config, module_name, shape[0])),
+                KernelLinear(
+                    packed,
+                    _fmt(t, path),
+                    shape,
+                    _rope_rows(arch, config, module_name, shape[0]),
+                    round_activations=round_activations,
+                ),
             )
         else:
             values = np.array(_decode(t, path), dtype=np.float32)  # a writable copy, off the memory map
@@ -245,16 +269,20 @@ class NumpyBackend:
     Args:
         path: a llama-architecture GGUF.
         n_threads: torch intra-op threads (process-wide); None leaves torch's setting.
+        round_activations: round linear inputs as llama.cpp's CPU backend does (default), or keep
+            them float32 (False).
     """
 
     name = "numpy"
 
-    def __init__(self, path: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, n_threads: int | None = None, round_activations: bool = True
+    ) -> None:
         from ._llama import open_vocab, vocab_bos
 
         if n_threads:
             torch.set_num_threads(n_threads)
-        self.model, self._reader = build_model(path)
+        self.model, self._reader = build_model(path, round_activations=round_activations)
         self._vocab = open_vocab(path)  # llama.cpp's tokenizer of the same file
         self.add_bos, self.bos_id = vocab_bos(self._vocab)
         self.n_vocab = int(self.model.config.vocab_size)

@@ -51,6 +51,8 @@ class GGUFStreamWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.gguf = gguf.GGUFWriter(self.tmp, arch)
         self._pending: list[TensorPlan] = []
+        self._reserved: set[str] = set()
+        self._patches: dict[str, float] = {}
         self._began = False
         self._done = False
 
@@ -79,10 +81,32 @@ class GGUFStreamWriter:
         assert data.nbytes == plan.nbytes, (plan.name, data.nbytes, plan.nbytes)
         self.gguf.write_tensor_data(data)
 
+    def reserve(self, key: str) -> None:
+        """Mark a numeric key (already added with a placeholder value) to be set later with `patch`."""
+        assert not self._began, "reserve() after begin()"
+        self._reserved.add(key)
+
+    def patch(self, values: dict[str, float]) -> None:
+        """Set reserved numeric keys; written into the header in place at `commit`."""
+        unknown = set(values) - self._reserved
+        assert not unknown, f"patching keys never reserved: {sorted(unknown)}"
+        self._patches.update(values)
+
+    def _apply_patches(self) -> None:
+        # same-size values at the offsets gguf-py's reader finds: the layout does not move
+        reader = gguf.GGUFReader(self.tmp, "r+")
+        for key, value in self._patches.items():
+            field = reader.fields[key]
+            field.parts[field.data[0]][0] = value
+        reader.data.flush()
+        del reader
+
     def commit(self) -> Path:
         """Close the file and move it into place."""
         assert self._began and not self._pending, f"{len(self._pending)} tensors were never written"
         self.gguf.close()
+        if self._patches:
+            self._apply_patches()
         if self.path.exists() and not self.overwrite:
             raise OutputExistsError(f"{self.path}: appeared while converting; result left at {self.tmp}")
         os.replace(self.tmp, self.path)

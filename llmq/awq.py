@@ -1,0 +1,403 @@
+"""Activation-aware weight quantization (AWQ): per-input-channel scales, then clipping, per decoder layer.
+
+Every candidate is scored through the codec that will store the weights (importance-weighted when
+``weighted``), on the calibration statistics of the linear's input: the output error of a weight
+error ``E`` is ``sum((E @ G) * E)`` with ``G = X^T X / n`` (the Gram trick), so a grid point costs one
+encode and one ``(N, K) x (K, K)`` product instead of a pass over the tokens.
+
+Scales follow AutoAWQ's search (``s = mean|x|^a / mean|w|^(1-a)``, a on a grid, normalized by
+``sqrt(max * min)``); they are folded into the norm or linear that produces the input (``w /= s``)
+and multiplied into the reading linears' columns, so the FP model computes the same function.
+The clip search then shrinks each (row, group) range over a grid, keeping the ratio with the lowest
+error of that group's share of the output; ratio 1 is a candidate, so a range never widens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .activations import InputStats
+from .arch import ArchSpec, ScaleGroup
+from .codecs import REGISTRY, GroupCodec
+from .errors import LlmqError
+from .search import LayerReport
+
+log = logging.getLogger(__name__)
+
+INPUT_MODES = ("fp", "quant")
+# threads scoring grid points at once (results do not depend on it)
+THREADS = min(2, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """Settings of the AWQ search.
+
+    Attributes:
+        n_grid: points of the scale exponent grid ``a in {0, 1/n, ..., (n-1)/n}``.
+        duo_scaling: ``s = mean|x|^a / mean|w|^(1-a)``; False uses the activation-only ``mean|x|^a``.
+        scale: run the scale search at all (False: clip and weighting only).
+        clip: run the clip search after scaling.
+        clip_grid: clip ratios are ``1 - i / clip_grid``.
+        max_shrink: smallest ratio tried is ``1 - max_shrink`` (exclusive).
+        weighted: score candidates with, and store weights through, the importance-weighted encoder
+            (importance = mean x^2 of each input column, after the folded scales).
+        inputs: what the next layer's calibration inputs come from: ``quant`` (outputs of the layer
+            as quantized, the default: lower perplexity and KL on SmolLM2, see BENCHMARKS.md) or
+            ``fp`` (the FP layer's outputs, as AutoAWQ; one forward pass per layer fewer).
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = True
+    scale: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    weighted: bool = True
+    inputs: str = "quant"
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1 or self.clip_grid < 1:
+            raise LlmqError(
+                f"AWQ grids must have at least one point (n_grid={self.n_grid}, clip_grid={self.clip_grid})"
+            )
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise LlmqError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink}")
+        if self.inputs not in INPUT_MODES:
+            raise LlmqError(f"--awq-inputs {self.inputs}: choose one of {', '.join(INPUT_MODES)}")
+
+    @property
+    def clip_ratios(self) -> list[float]:
+        return [1.0 - i / self.clip_grid for i in range(max(1, int(self.max_shrink * self.clip_grid)))]
+
+
+@dataclass(frozen=True)
+class Target:
+    """How one linear will be stored: GGUF type and group size (from its `TensorPlan`)."""
+
+    codec: str
+    group: int
+
+    def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        """``w`` as the file will hold it: encoded with this type (and importance), decoded back."""
+        return self.codec_class().decode(self.encode(w, importance), w.shape)
+
+    def encode(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        codec = self.codec_class()
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if issubclass(codec, GroupCodec) and self.group != codec.block_size:
+            return codec.encode_grouped(w, self.group, importance)
+        return codec.encode(w, importance)
+
+    def codec_class(self) -> Any:
+        return REGISTRY[self.codec]
+
+    @property
+    def symmetric(self) -> bool:
+        return bool(self.codec_class().symmetric)
+
+    @property
+    def is_float(self) -> bool:
+        return bool(self.codec_class().is_float)
+
+
+def output_error(e: torch.Tensor, gram: torch.Tensor) -> float:
+    """Mean over tokens of ``|E x|^2`` summed over output rows: ``sum((E @ G) * E)``."""
+    return float(((e @ gram) * e).sum())
+
+
+def group_bounds(k: int, group: int) -> list[tuple[int, int]]:
+    """Column ranges of a row's quantization groups (the last one ragged, as the codecs split it)."""
+    g = k if group <= 0 else min(group, k)
+    return [(a, min(a + g, k)) for a in range(0, k, g)]
+
+
+def block_errors(e: torch.Tensor, gram: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """Each (row, group)'s share of the output error: ``e_g G_gg e_g^T``, shape ``(N, n_groups)``."""
+    n = e.shape[0]
+    g = bounds[0][1] - bounds[0][0]
+    full = [ab for ab in bounds if ab[1] - ab[0] == g]
+    k = len(full) * g
+    # the equal-width groups as one batched product over the diagonal blocks of G
+    blocks = gram[:k, :k].reshape(len(full), g, len(full), g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    eb = e[:, :k].reshape(n, len(full), g).transpose(0, 1)  # (groups, N, g)
+    out = [(torch.bmm(eb, blocks) * eb).sum(-1).T]
+    for a, b in bounds[len(full) :]:  # a ragged last group
+        out.append(((e[:, a:b] @ gram[a:b, a:b]) * e[:, a:b]).sum(1, keepdim=True))
+    return torch.cat(out, 1)
+
+
+def _weight_mean(ws: list[torch.Tensor], group: int) -> torch.Tensor:
+    # AutoAWQ's w_mean: |w| relative to its group's max, averaged over all output rows
+    w = torch.cat(ws, 0).abs()
+    parts = [
+        w[:, a:b] / w[:, a:b].amax(dim=1, keepdim=True).clamp(min=1e-12)
+        for a, b in group_bounds(w.shape[1], group)
+    ]
+    return torch.cat(parts, 1).mean(0)
+
+
+def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, duo: bool) -> torch.Tensor:
+    s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo else x_mean.pow(alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+class AWQSearch:
+    """The AWQ search step of the pipeline (`llmq.search.Search`).
+
+    Args:
+        config: the search settings.
+
+    Example:
+        >>> search = AWQSearch(AWQConfig())
+        >>> report = search.run(layer, 0, stats, targets, arch)   # layer rescaled and clipped in place
+        >>> report.importance["mlp.down_proj"]                    # per-column importance for encoding
+    """
+
+    name = "awq"
+    needs_activations = True
+
+    def __init__(self, config: AWQConfig | None = None) -> None:
+        self.config = config or AWQConfig()
+
+    def capture_modules(self, arch: ArchSpec) -> list[str]:
+        """The linears whose inputs are recorded: the first reader of each scale group's input."""
+        return [g.linears[0] for g in arch.scale_groups]
+
+    def run(
+        self,
+        layer: nn.Module,
+        index: int,
+        stats: dict[str, InputStats] | None,
+        targets: dict[str, Target],
+        arch: ArchSpec,
+    ) -> LayerReport:
+        """Search, fold and clip one decoder layer in place; report what was done.
+
+        Args:
+            layer: the decoder layer (float32 parameters).
+            index: its index.
+            stats: input statistics keyed by `capture_modules` names (from `capture_inputs`).
+            targets: linear name (relative to the layer) -> how it will be stored.
+            arch: the architecture spec (scale groups, clip exclusions, norm offset).
+
+        Returns:
+            A `LayerReport` whose ``details`` hold per-group scale results and per-linear clip
+            results, and whose ``importance`` maps each linear to the per-column importance its
+            encoder uses (None when not ``weighted``).
+        """
+        if stats is None:
+            raise LlmqError("the AWQ search needs calibration statistics")
+        cfg = self.config
+        report = LayerReport(index, self.name)
+        groups, scale_info = [], []
+        for group in arch.scale_groups:
+            st = stats[group.linears[0]]
+            linears = [layer.get_submodule(n) for n in group.linears]
+            groups.append((group, st))
+            if not cfg.scale:
+                continue
+            prev = layer.get_submodule(group.prev)
+            if group.needs_same_shape and prev.weight.shape[0] != linears[0].weight.shape[1]:
+                scale_info.append(
+                    {"prev": group.prev, "skipped": "output width differs (grouped-query attention)"}
+                )
+                continue
+            s, info = self._search_scales(group, linears, st, targets)
+            scale_info.append(info)
+            if s is not None:
+                fold_scales(prev, linears, s, norm_offset=arch.norm_offset if _is_norm(prev) else 0.0)
+                st.divide(s)
+        report.details["scales"] = scale_info
+        clip_info = {}
+        for group, st in groups:
+            gram = st.mean_gram
+            for name in group.linears:
+                t = targets[name]
+                if not cfg.clip or name in arch.no_clip or t.is_float:
+                    continue
+                module = layer.get_submodule(name)
+                imp = st.mean_sq if cfg.weighted else None
+                w, info = clip_search(module.weight.data, t, gram, imp, cfg.clip_ratios)
+                module.weight.data.copy_(w)
+                clip_info[name] = info
+        report.details["clip"] = clip_info
+        report.importance = {
+            name: (st.mean_sq if cfg.weighted else None) for group, st in groups for name in group.linears
+        }
+        return report
+
+    def _search_scales(
+        self, group: ScaleGroup, linears: list[nn.Module], st: InputStats, targets: dict[str, Target]
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        cfg = self.config
+        ws = [m.weight.data for m in linears]
+        ts = [targets[n] for n in group.linears]
+        gram = st.mean_gram
+        mean_sq = st.mean_sq
+        x_mean = st.mean_abs
+        n_out = sum(w.shape[0] for w in ws)
+
+        def loss(s: torch.Tensor | None) -> float:
+            total = 0.0
+            imp = None
+            if cfg.weighted:
+                imp = mean_sq if s is None else mean_sq / (s.numpy() ** 2)
+            for w, t in zip(ws, ts, strict=True):
+                ws_ = w if s is None else w * s
+                q = torch.from_numpy(t.fake_quant(ws_.numpy(), imp))
+                if s is not None:
+                    q = q / s
+                total += output_error(w - q, gram)
+            return total / n_out
+
+        base = loss(None)
+        w_mean = _weight_mean(ws, ts[0].group if not ts[0].is_float else -1)
+        best, best_alpha, best_s = base, None, None
+        alphas = [i / cfg.n_grid for i in range(cfg.n_grid)]
+        candidates = [_scales(x_mean, w_mean, a, cfg.duo_scaling) for a in alphas]
+        # grid points are independent; NumPy's codecs release the GIL, so two threads use two cores
+        with ThreadPoolExecutor(max_workers=THREADS) as pool:
+            values = list(pool.map(loss, candidates))
+        for alpha, s, value in zip(alphas, candidates, values, strict=True):
+            if value < best:  # strict: the first (lowest alpha) of equal losses wins, deterministically
+                best, best_alpha, best_s = value, alpha, s
+        info: dict[str, Any] = {
+            "prev": group.prev,
+            "linears": list(group.linears),
+            "loss_before": base,
+            "loss_after": best,
+            "alpha": best_alpha,
+        }
+        if best_s is None:
+            log.info("%s: no scale beats the unscaled weights (loss %.4g); keeping them", group.prev, base)
+            info["fallback"] = True
+        return best_s, info
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return not isinstance(module, nn.Linear)
+
+
+def fold_scales(
+    prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, *, norm_offset: float = 0.0
+) -> None:
+    """Divide ``prev``'s output channels by ``s`` and multiply the ``linears``' input columns by it.
+
+    ``prev`` is a norm (weight ``(C,)``, applied as ``x * (norm_offset + w)``) or a linear
+    (rows ``(C, K)``, and bias). The composed function is unchanged in exact arithmetic.
+    """
+    with torch.no_grad():
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(s[:, None])
+            if prev.bias is not None:
+                prev.bias.div_(s)
+        else:
+            prev.weight.copy_((prev.weight + norm_offset) / s - norm_offset)
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.div_(s)
+        for m in linears:
+            m.weight.mul_(s[None, :])
+
+
+def clip_search(
+    w: torch.Tensor, target: Target, gram: torch.Tensor, importance: np.ndarray | None, ratios: list[float]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Shrink each (row, group) range to the ratio whose quantized group errs least on the output.
+
+    Args:
+        w: weight ``(N, K)`` float32 (already scaled).
+        target: how it is stored (the group size sets the ranges searched).
+        gram: ``G`` of its input ``(K, K)``.
+        importance: per-column importance for the weighted encoder, or None.
+        ratios: candidate ratios, the first 1.0.
+
+    Returns:
+        (clipped weight, info with mean ratio, fraction of groups clipped, loss before/after).
+    """
+    assert ratios and ratios[0] == 1.0, ratios
+    bounds = group_bounds(w.shape[1], target.group)
+    lo = torch.stack([w[:, a:b].amin(dim=1) for a, b in bounds], 1)
+    hi = torch.stack([w[:, a:b].amax(dim=1) for a, b in bounds], 1)
+    if target.symmetric:
+        hi = torch.maximum(hi.abs(), lo.abs())
+        lo = -hi
+    widths = torch.tensor([b - a for a, b in bounds])
+
+    def clamp(r: torch.Tensor) -> torch.Tensor:  # r: (N, n_groups) ratios
+        lo_e = torch.repeat_interleave(lo * r, widths, dim=1)
+        hi_e = torch.repeat_interleave(hi * r, widths, dim=1)
+        return torch.minimum(torch.maximum(w, lo_e), hi_e)
+
+    def group_losses(wc: torch.Tensor) -> torch.Tensor:
+        e = w - torch.from_numpy(target.fake_quant(wc.numpy(), importance))
+        return block_errors(e, gram, bounds)
+
+    n_groups = len(bounds)
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:  # independent candidates, as in the scale search
+        all_losses = list(
+            pool.map(lambda ratio: group_losses(clamp(torch.full((w.shape[0], n_groups), ratio))), ratios)
+        )
+    best = all_losses[0]
+    best_r = torch.ones_like(best)
+    for ratio, losses in zip(ratios[1:], all_losses[1:], strict=True):
+        r = torch.full_like(best, ratio)
+        better = losses < best
+        best = torch.where(better, losses, best)
+        best_r = torch.where(better, r, best_r)
+    clipped = clamp(best_r)
+    # The choice above scores each group on its diagonal block of G; the output error of a row also
+    # has cross-group terms. Keep a row's clipping only if its full output error goes down (rows are
+    # encoded independently, so this is exact).
+    before_rows = row_errors(w - torch.from_numpy(target.fake_quant(w.numpy(), importance)), gram)
+    after_rows = row_errors(w - torch.from_numpy(target.fake_quant(clipped.numpy(), importance)), gram)
+    keep = after_rows < before_rows
+    best_r = torch.where(keep[:, None], best_r, torch.ones_like(best_r))
+    clipped = torch.where(keep[:, None], clipped, w)
+    n = w.shape[0]
+    info = {
+        "mean_ratio": float(best_r.mean()),
+        "clipped_fraction": float((best_r < 1).float().mean()),
+        "rows_kept_unclipped": int((~keep).sum()),
+        "loss_before": float(before_rows.sum()) / n,
+        "loss_after": float(torch.minimum(before_rows, after_rows).sum()) / n,
+    }
+    return clipped, info
+
+
+def row_errors(e: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Each output row's error over the calibration tokens: ``(E G E^T)_rr``."""
+    return ((e @ gram) * e).sum(1)
+
+
+def summarize(reports: list[LayerReport]) -> dict[str, float]:
+    """Whole-model figures of a search: mean loss ratio after/before scaling, mean alpha and clip ratio."""
+    ratios, alphas, clips, fallbacks = [], [], [], 0
+    for r in reports:
+        for g in r.details.get("scales", []):
+            if "loss_before" not in g:
+                continue
+            if g["loss_before"] > 0:
+                ratios.append(g["loss_after"] / g["loss_before"])
+            if g.get("fallback"):
+                fallbacks += 1
+            elif g["alpha"] is not None:
+                alphas.append(g["alpha"])
+        clips += [c["mean_ratio"] for c in r.details.get("clip", {}).values()]
+    mean = lambda v: float(sum(v) / len(v)) if v else math.nan  # noqa: E731
+    return {
+        "scale_loss_ratio": mean(ratios),
+        "alpha_mean": mean(alphas),
+        "clip_ratio_mean": mean(clips),
+        "scale_fallbacks": float(fallbacks),
+    }

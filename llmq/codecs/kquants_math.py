@@ -1,0 +1,224 @@
+"""Sub-block searches and scale packing of llama.cpp's K-quants, vectorized over sub-blocks.
+
+Mirrors of the ggml-quants.c helpers the round-to-nearest K-quant encoders use (`make_qkx2_quants`,
+`make_q3_quants`, `nearest_int`) and of the 6-bit scale layouts (`get_scale_min_k4` for Q4_K/Q5_K,
+the 16 signed scales of Q3_K). As in ``quants_math``, arithmetic is float32 in the C operation
+order and sums run one term at a time, so the results are byte-identical to llama.cpp's.
+
+Inputs are ``(n, k)``: ``n`` independent sub-blocks of ``k`` values, transposed to ``(k, n)``
+internally so each step of a sequential sum is one vector operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .quants_math import GROUP_MAX_EPS, seq_sum
+
+_F32 = np.float32
+# Sub-blocks per chunk of temporaries, so a search's scratch stays cache-sized.
+_CHUNK_VALUES = 1 << 17
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's `nearest_int` bit for bit: add 1.5 * 2^23 in float32, keep the low 23 bits, re-centre.
+
+    Round half to even for ``|v| < 2^22``; beyond that (or for inf/nan) the same wrapped value the
+    C code gets, which its callers then clamp. Returns int32.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        bits = (np.asarray(v, _F32) + _F32(12582912.0)).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def f16_round(v: np.ndarray) -> np.ndarray:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))``: float32 rounded through IEEE half (to nearest even)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, _F32).astype(np.float16).astype(_F32)
+
+
+def _chunks(n: int, k: int):
+    step = max(1, _CHUNK_VALUES // k)
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
+
+
+def make_qkx2_quants(
+    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric scale/min search of each sub-block; ggml's `make_qkx2_quants`.
+
+    Starts from the min/max fit (min clamped to at most 0), then for ``is = 0 .. nstep`` rounds with
+    ``iscale = (rmin + rdelta * is + nmax) / (max - min)``, refits scale and min by weighted least
+    squares, and keeps the candidate if its weighted error (absolute with ``use_mad``) is lower. An
+    accepted candidate's min shifts the rounding of the later candidates, as in the C loop.
+
+    Args:
+        x: ``(n, k)`` float32 sub-blocks.
+        weights: ``(n, k)`` float32 weights.
+        nmax: the top code.
+        rmin, rdelta, nstep: the search grid.
+        use_mad: weigh absolute instead of squared differences.
+
+    Returns:
+        ``scale`` ``(n,)``, ``the_min`` ``(n,)`` (ggml's positive ``-min``) and codes ``(n, k)``
+        uint8 in ``0 .. nmax``, so that ``x ~= scale * L - the_min``.
+    """
+    x = np.asarray(x, _F32)
+    w = np.asarray(weights, _F32)
+    n, k = x.shape
+    scale, the_min, codes = np.zeros(n, _F32), np.zeros(n, _F32), np.zeros((n, k), np.uint8)
+    grid = [(_F32(rmin) + _F32(rdelta) * _F32(i)) + _F32(nmax) for i in range(nstep + 1)]
+    for sl in _chunks(n, k):
+        scale[sl], the_min[sl], codes[sl] = _qkx2_chunk(x[sl], w[sl], nmax, grid, use_mad)
+    return scale, the_min, codes
+
+
+def _qkx2_chunk(x: np.ndarray, w: np.ndarray, nmax: int, grid: list, use_mad: bool):
+    n = x.shape[0]
+    mn = x[np.arange(n), x.argmin(axis=1)]  # the first minimum, as the C loop's strict `<` keeps it
+    mx = x.max(axis=1)
+    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    sum_w = seq_sum(wt, from_zero=False)
+    sum_x = seq_sum(wt * xt, from_zero=False)
+    mn = np.where(mn > 0, _F32(0), mn)
+    flat = mx == mn
+
+    def error(s: np.ndarray, m: np.ndarray, l: np.ndarray) -> np.ndarray:
+        diff = s * l + m - xt  # `scale * L[i] + min - x[i]`
+        return seq_sum(wt * (np.abs(diff) if use_mad else diff * diff))
+
+    def rounded(iscale: np.ndarray, m: np.ndarray) -> np.ndarray:
+        return np.clip(nearest_int(iscale * (xt - m)), 0, nmax).astype(_F32)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = (_F32(nmax) / (mx - mn)).astype(_F32)
+        scale = (_F32(1) / iscale).astype(_F32)
+        codes = rounded(iscale, mn)
+        best = error(scale, mn, codes)
+        for g in grid:
+            l = rounded((g / (mx - mn)).astype(_F32), mn)
+            wl = wt * l
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * l), seq_sum(wl * xt)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            pos = this_min > 0
+            this_min = np.where(pos, _F32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            cur = error(this_scale, this_min, l)
+            better = (det > 0) & (cur < best) & ~flat
+            codes = np.where(better, l, codes)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            mn = np.where(better, this_min, mn)
+    codes[:, flat] = 0
+    scale = np.where(flat, _F32(0), scale)
+    return scale.astype(_F32), (-mn).astype(_F32), codes.T.astype(np.uint8)
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric search with per-value refinement; ggml's `make_q3_quants(n, nmax, x, L, do_rmse=true)`.
+
+    Rounds with ``iscale = -nmax / max`` (``max`` the value of largest magnitude), then up to five
+    passes move single codes to their least-squares best (weights ``x^2``) when that raises
+    ``sumlx^2 / suml2``. A block that stops changing stays put, so running all five passes on every
+    block gives the C result.
+
+    Returns:
+        ``scale`` ``(n,)`` float32 and codes ``(n, k)`` uint8 in ``0 .. 2 nmax - 1`` (offset by
+        ``nmax``); all-zero sub-blocks get scale 0 and codes 0.
+    """
+    x = np.asarray(x, _F32)
+    n, k = x.shape
+    scale, codes = np.zeros(n, _F32), np.zeros((n, k), np.uint8)
+    for sl in _chunks(n, k):
+        scale[sl], codes[sl] = _q3_chunk(x[sl], nmax)
+    return scale, codes
+
+
+def _q3_chunk(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    mx = x[np.arange(n), np.abs(x).argmax(axis=1)]  # first of equal magnitudes (strict `>`)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    xt = np.ascontiguousarray(x.T)
+    w = xt * xt
+    wx = w * xt
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = (_F32(-nmax) / np.where(zero, _F32(1), mx)).astype(_F32)
+        L = np.clip(nearest_int(iscale * xt), -nmax, nmax - 1).astype(_F32)
+        sumlx = seq_sum(wx * L)
+        suml2 = seq_sum(w * L * L)
+        for _ in range(5):
+            for i in range(xt.shape[0]):
+                li = L[i]
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - w[i] * li * li
+                new = np.clip(nearest_int(xt[i] * sl2 / slx), -nmax, nmax - 1).astype(_F32)
+                slx2 = slx + wx[i] * new
+                sl22 = sl2 + w[i] * new * new
+                take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                L[i] = np.where(take, new, li)
+                sumlx = np.where(take, slx2, sumlx)
+                suml2 = np.where(take, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, _F32(0)).astype(_F32)
+    codes = (L + _F32(nmax)).astype(np.uint8)
+    codes[:, zero] = 0
+    return np.where(zero, _F32(0), scale), codes.T
+
+
+# -- scale layouts -------------------------------------------------------------------------------
+
+
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Pack 8 six-bit scales and 8 six-bit mins ``(n, 8)`` uint8 into Q4_K/Q5_K's 12 bytes.
+
+    Bytes 0-3 / 4-7: scale / min of sub-blocks 0-3 (low 6 bits), their top 2 bits carrying the high
+    bits of sub-blocks 4-7; bytes 8-11: low nibbles of sub-blocks 4-7 (scale low, min high).
+    """
+    out = np.empty((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`get_scale_min_k4` for all 8 sub-blocks: 12 bytes ``(n, 12)`` -> scales, mins ``(n, 8)`` uint8."""
+    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
+    m = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def pack_q3_scales(l6: np.ndarray) -> np.ndarray:
+    """Pack 16 six-bit scales ``(n, 16)`` uint8 (already offset by 32) into Q3_K's 12 bytes.
+
+    Bytes 0-7: low nibbles of sub-blocks 0-7 (low half) and 8-15 (high half); bytes 8-11: the top
+    2 bits, sub-block j in byte ``8 + j % 4`` at bit ``2 * (j // 4)``.
+    """
+    out = np.empty((l6.shape[0], 12), np.uint8)
+    out[:, :8] = (l6[:, :8] & 0x0F) | ((l6[:, 8:] & 0x0F) << 4)
+    top = (l6 >> 4).reshape(-1, 4, 4)  # [j // 4, j % 4]
+    out[:, 8:] = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+    return out
+
+
+def unpack_q3_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 scale bytes ``(n, 12)`` -> the 16 signed scales ``(n, 16)`` int8 (``- 32`` applied)."""
+    low = np.concatenate([s[:, :8] & 0x0F, s[:, :8] >> 4], axis=1)
+    top = (s[:, None, 8:] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]) & 3  # (n, j // 4, j % 4)
+    l6 = low | (top.reshape(-1, 16) << 4)
+    return l6.view(np.int8) - np.int8(32)
+
+
+def pack_2bit(codes: np.ndarray) -> np.ndarray:
+    """``(n, 256)`` codes 0..3 -> 64 bytes: byte ``32 h + l`` holds values ``128 h + 32 s + l`` at bits ``2 s``."""
+    q = codes.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def unpack_2bit(qs: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_2bit`: 64 bytes ``(n, 64)`` -> ``(n, 256)`` codes in value order."""
+    shifts = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)

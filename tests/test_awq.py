@@ -1,0 +1,300 @@
+"""The AWQ search: exact Gram-trick losses, function-preserving folding, monotone search and clipping,
+determinism, reports and metadata, and a quality gain over round-to-nearest on a model with outliers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+import llmq
+from llmq.activations import CalibrationFlow
+from llmq.awq import AWQConfig, AWQSearch, Target, clip_search, fold_scales, group_bounds, output_error
+from llmq.calib import CalibConfig
+
+SMALL_CALIB = CalibConfig("self", n_samples=8, seqlen=64, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("awq") / "m", n_layers=2, kv_heads=4, dtype=torch.float32, outliers=8.0
+    )
+
+
+def _layer_and_flow(model_dir: Path, n: int = 4, seqlen: int = 32):
+    ckpt = llmq.Checkpoint(model_dir)
+    arch = llmq.get_arch(ckpt.config)
+    tokens = torch.randint(3, ckpt.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(1))
+    flow = CalibrationFlow(tokens, ckpt.get(arch.embed), ckpt.config, arch, batch_size=2)
+    layer = llmq.LayerStream(ckpt, arch).load(0)
+    return ckpt, arch, layer, flow
+
+
+def _targets(
+    layer: torch.nn.Module, arch: llmq.ArchSpec, codec: str = "Q4_0", group: int = 32
+) -> dict[str, Target]:
+    return {name: Target(codec, group) for g in arch.scale_groups for name in g.linears}
+
+
+def test_gram_loss_equals_the_output_error_over_tokens() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 64, generator=gen)
+    e = torch.randn(16, 64, generator=gen)
+    stats = llmq.activations.InputStats(64)
+    stats.add(x[:200])
+    stats.add(x[200:])
+    direct = float(((x @ e.T) ** 2).sum(1).mean())
+    assert output_error(e, stats.mean_gram) == pytest.approx(direct, rel=1e-4)
+    np.testing.assert_allclose(stats.mean_sq, (x**2).mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(stats.mean_abs.numpy(), x.abs().mean(0).numpy(), rtol=1e-5)
+
+
+def test_folding_scales_keeps_the_fp_layer_function(tiny: Path) -> None:
+    ckpt, arch, layer, flow = _layer_and_flow(tiny)
+    x = flow.store.read(0)
+    before = flow.runner(layer, x)
+    gen = torch.Generator().manual_seed(2)
+    for group in arch.scale_groups:
+        prev = layer.get_submodule(group.prev)
+        linears = [layer.get_submodule(n) for n in group.linears]
+        if group.needs_same_shape and prev.weight.shape[0] != linears[0].weight.shape[1]:
+            continue
+        s = torch.rand(linears[0].weight.shape[1], generator=gen) * 4 + 0.25
+        fold_scales(prev, linears, s)
+    after = flow.runner(layer, x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    flow.close()
+
+
+@pytest.mark.parametrize(
+    "codec,group,weighted", [("Q4_0", 32, True), ("Q4_1", 64, False), ("Q4_1", 32, True)]
+)
+def test_search_never_ends_above_the_unscaled_loss(
+    tiny: Path, codec: str, group: int, weighted: bool
+) -> None:
+    ckpt, arch, layer, flow = _layer_and_flow(tiny)
+    search = AWQSearch(AWQConfig(weighted=weighted, clip=False, n_grid=10))
+    stats = flow.capture(layer, search.capture_modules(arch), write_outputs=False)
+    grams = {k: v.mean_gram.clone() for k, v in stats.items()}
+    orig = {n: layer.get_submodule(n).weight.detach().clone() for g in arch.scale_groups for n in g.linears}
+    targets = _targets(layer, arch, codec, group)
+    report = search.run(layer, 0, stats, targets, arch)
+    searched = [g for g in report.details["scales"] if "loss_before" in g]
+    assert searched, report.details
+    for g in searched:
+        assert g["loss_after"] <= g["loss_before"]
+    # recompute independently: the stored (scaled, quantized) weights err less than unscaled RTN/weighted ones
+    for info in searched:
+        gram = grams[info["linears"][0]]
+        imp = torch.diagonal(gram).numpy() if weighted else None
+        before = after = 0.0
+        for name in info["linears"]:
+            w0 = orig[name]
+            q0 = torch.from_numpy(targets[name].fake_quant(w0.numpy(), imp))
+            before += output_error(w0 - q0, gram)
+            # the stored weight is W0 * R, R = s on columns times any later row scale (v -> o):
+            # decode it and divide R out to compare in the original coordinates
+            ws = layer.get_submodule(name).weight.detach()
+            ratio = ws / w0
+            imp_s = None if imp is None else imp / ratio[0].numpy() ** 2
+            q = torch.from_numpy(targets[name].fake_quant(ws.numpy(), imp_s)) / ratio
+            after += output_error(w0 - q, gram)
+        assert after <= before * (1 + 1e-4), (info, before, after)
+    flow.close()
+
+
+def test_clip_search_never_widens_a_range_and_never_raises_the_loss() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 96, generator=gen) * torch.linspace(0.2, 3, 96)
+    gram = x.T @ x / 400
+    w = torch.randn(24, 96, generator=gen) * 0.05
+    w[3, 5] = 1.0  # an outlier worth clipping
+    for codec, group in (("Q4_0", 32), ("Q4_1", 64), ("Q5_1", 32)):
+        t = Target(codec, group)
+        clipped, info = clip_search(w, t, gram, None, AWQConfig().clip_ratios)
+        for a, b in group_bounds(96, group):
+            assert (clipped[:, a:b].amax(1) <= w[:, a:b].amax(1) + 1e-7).all()
+            assert (clipped[:, a:b].amin(1) >= w[:, a:b].amin(1) - 1e-7).all()
+        assert info["loss_after"] <= info["loss_before"] * (1 + 1e-6)
+        assert 0 < info["clipped_fraction"] <= 1, info
+        err_before = output_error(w - torch.from_numpy(t.fake_quant(w.numpy(), None)), gram)
+        err_after = output_error(w - torch.from_numpy(t.fake_quant(clipped.numpy(), None)), gram)
+        assert err_after < err_before
+
+
+def test_ragged_groups_follow_the_codec_split() -> None:
+    assert group_bounds(576, 128) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
+    assert group_bounds(64, -1) == [(0, 64)]
+
+
+def test_awq_is_deterministic_and_seeded(tiny: Path, tmp_path: Path) -> None:
+    cfg = llmq.QuantConfig(quant="Q4_0")
+    paths = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        calib = CalibConfig("self", n_samples=4, seqlen=32, batch_size=2, seed=seed)
+        paths.append(llmq.convert(tiny, tmp_path / f"{name}.gguf", cfg, calib=calib, progress=False).path)
+    data = [[np.asarray(t.data).tobytes() for t in gguf.GGUFReader(p).tensors] for p in paths]
+    assert data[0] == data[1]
+    assert data[0] != data[2]
+
+
+def test_awq_report_metadata_and_card(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.gguf"
+    res = llmq.convert(tiny, out, llmq.QuantConfig(quant="Q4_1"), calib=SMALL_CALIB, progress=False)
+    report = json.loads(res.report_path.read_text())
+    assert report["method"] == "awq" and len(report["layers"]) == 2
+    assert report["calibration"] == {**report["calibration"], "source": "self", "samples": 8, "seqlen": 64}
+    summary = report["summary"]
+    fields = gguf.GGUFReader(out).fields
+    assert fields["llmq.method"].contents() == "awq"
+    assert fields["llmq.calib.samples"].contents() == 8
+    assert fields["llmq.awq.alpha_mean"].contents() == pytest.approx(summary["alpha_mean"], rel=1e-6)
+    assert fields["llmq.awq.clip_ratio_mean"].contents() == pytest.approx(
+        summary["clip_ratio_mean"], rel=1e-6
+    )
+    assert 0 < fields["llmq.search.seconds"].contents() <= res.seconds
+    card = res.card_path.read_text()
+    assert "awq" in card and "self (8 x 64 tokens)" in card
+
+
+def _logit_error(model_dir: Path, gguf_path: Path, tokens: torch.Tensor) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from llmq.eval.numpy_backend import build_model
+
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    q, _ = build_model(gguf_path, round_activations=False)
+    with torch.no_grad():
+        a = torch.log_softmax(fp(tokens).logits, -1)
+        b = torch.log_softmax(q(tokens).logits, -1)
+    return float((a.exp() * (a - b)).sum(-1).mean())  # KL(fp || quantized)
+
+
+@pytest.mark.parametrize(
+    "cfg", [llmq.QuantConfig(quant="Q4_0"), llmq.QuantConfig(bits=4, group_size=64, sym=True)]
+)
+def test_awq_beats_rtn_on_a_model_with_outlier_channels(tmp_path: Path, cfg: llmq.QuantConfig) -> None:
+    model = make_tiny_llama(
+        tmp_path / "m", n_layers=2, hidden=128, intermediate=256, dtype=torch.float32, outliers=10.0
+    )
+    calib = CalibConfig("self", n_samples=16, seqlen=64, batch_size=8)
+    rtn = llmq.convert(
+        model, tmp_path / "rtn.gguf", llmq.QuantConfig(**{**cfg.__dict__, "method": "rtn"}), progress=False
+    )
+    awq = llmq.convert(model, tmp_path / "awq.gguf", cfg, calib=calib, progress=False)
+    tokens = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(9))
+    kl_rtn, kl_awq = _logit_error(model, rtn.path, tokens), _logit_error(model, awq.path, tokens)
+    assert kl_awq < 0.8 * kl_rtn, (kl_awq, kl_rtn)
+
+
+def test_quantize_api_matches_convert_and_takes_own_tokens(tiny: Path, tmp_path: Path) -> None:
+    tokens = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+    cfg = llmq.QuantConfig(quant="Q4_0")
+    qm = llmq.quantize(tiny, cfg, calib=tokens, progress=False)
+    res = llmq.convert(tiny, tmp_path / "q.gguf", cfg, calib=tokens, progress=False)
+    stored = {
+        t.name: np.asarray(t.data).view(np.uint8).reshape(-1) for t in gguf.GGUFReader(res.path).tensors
+    }
+    assert set(stored) == set(qm.data)
+    for name, data in qm.data.items():
+        assert np.array_equal(data.reshape(-1), stored[name]), name
+    w = qm.dequantize("model.layers.0.mlp.down_proj.weight")
+    assert w.shape == (128, 256) and w.dtype == np.float32
+    assert qm.report()[0]["layer"] == 0 and qm.calibration is not None
+    # one's own scale groups: without any, the search only clips
+    none = llmq.quantize(tiny, cfg, calib=tokens, scale_groups=(), progress=False)
+    assert none.report()[0]["scales"] == []
+
+
+def test_quantize_api_accepts_a_loaded_model(tiny: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    tokens = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(5))
+    a = llmq.quantize(model, llmq.QuantConfig(quant="Q4_0"), calib=tokens, progress=False)
+    b = llmq.quantize(tiny, llmq.QuantConfig(quant="Q4_0"), calib=tokens, progress=False)
+    assert all(np.array_equal(a.data[k], b.data[k]) for k in a.data)
+    with pytest.raises(llmq.LlmqError, match="expected a path"):
+        llmq.quantize(42)
+
+
+def test_imatrix_is_the_mean_square_of_each_linear_input(tiny: Path) -> None:
+    """llmq's importance matrix equals mean x^2 of every linear's input in the whole HF model's forward."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.imatrix import compute_imatrix
+
+    tokens = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(4))
+    imat = compute_imatrix(tiny, tokens, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, a, n=name: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in name
+    ]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    names = {"self_attn.q_proj": "attn_q", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down"}
+    for layer in range(2):
+        for hf, gg in names.items():
+            want = (seen[f"model.layers.{layer}.{hf}"] ** 2).mean(0).numpy()
+            np.testing.assert_allclose(imat[f"blk.{layer}.{gg}.weight"], want, rtol=2e-4, atol=1e-7)
+    assert len(imat) == 2 * 7
+
+
+def test_cli_awq_offline_with_self_calibration(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmq.cli import main
+
+    out = tmp_path / "s.gguf"
+    argv = [
+        "convert",
+        str(tiny),
+        "-o",
+        str(out),
+        "--quant",
+        "Q4_0",
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+    ]
+    assert main([*argv, "--calib-batch", "2", "--no-clip", "--awq-inputs", "fp"]) == 0
+    captured = capsys.readouterr()
+    assert "calibration: self (4 x 32 tokens)" in captured.err  # the source used is always said
+    assert "AWQ calibrated on self" in captured.out
+    fields = gguf.GGUFReader(out).fields
+    assert fields["llmq.awq.clip"].contents() is False and fields["llmq.awq.inputs"].contents() == "fp"
+    assert out.with_suffix(".search.json").is_file()
+    code = main(["convert", "--method", "rtn", str(tiny), "-o", str(tmp_path / "r.gguf"), "--calib", "x.txt"])
+    assert code == 2 and "--calib applies to --method awq" in capsys.readouterr().err
+    code = main(
+        ["convert", str(tiny), "-o", str(tmp_path / "m.gguf"), "--calib", str(tmp_path / "missing.txt")]
+    )
+    assert code == 2 and "missing.txt: calibration file not found" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "r.gguf").exists()
+
+
+def test_block_errors_match_a_loop_over_groups() -> None:
+    from llmq.awq import block_errors
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 160, generator=gen)
+    gram = x.T @ x / 300
+    e = torch.randn(7, 160, generator=gen)
+    for group in (32, 64, -1):
+        bounds = group_bounds(160, group)
+        want = torch.stack([((e[:, a:b] @ gram[a:b, a:b]) * e[:, a:b]).sum(1) for a, b in bounds], 1)
+        torch.testing.assert_close(block_errors(e, gram, bounds), want, rtol=1e-5, atol=1e-6)

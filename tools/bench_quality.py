@@ -1,0 +1,213 @@
+"""Quality, time and memory of llmq's RTN and AWQ files against llama.cpp's importance-matrix quants.
+
+For each reference model (the plain SmolLM2 reference and its dithered twin, see
+`tools/make_dithered_reference.py`) this script writes the F16 GGUF, has llama.cpp's own
+``llama-perplexity`` save its logits (``--kl-divergence-base``), then for every row converts the model
+in a fresh child process (time and peak RSS from ``wait4``) and runs ``llama-perplexity
+--kl-divergence`` on the result: perplexity on WikiText-2 test and KL divergence against the F16 file.
+
+Rows (``--rows``, comma-separated ``METHOD:QUANT``):
+  METHOD: ``rtn``, ``awq`` (calibrated on ``--calib``), ``awq-self`` (``--calib self``), ablations
+  ``awq-noscale``, ``awq-noclip``, ``awq-noweight``, ``awq-act`` (activation-only scales),
+  ``awq-fpin`` (next inputs from the FP layer, AutoAWQ's choice; the default takes them from the
+  quantized layer), and ``imatrix``: llama.cpp's
+  ``llama_model_quantize`` of the F16 file with an importance matrix (mean x^2 per input column)
+  that llmq computes from the same calibration windows.
+  ``METHOD@N`` calibrates on N windows instead of ``--samples`` (``awq@32:Q4_0``).
+  QUANT: ``Q4_0``, ``Q4_1``, ``g128`` (``--bits 4 --group 128``), ``g128s`` (the same, ``--sym``).
+3-bit rows are not offered: no legacy GGUF type stores 3-bit values exactly (the K-quants will).
+
+Results are cached per file in ``--work`` (delete a row's JSON to redo it), so a long table can be
+built in several runs. Usage::
+
+    python tools/bench_quality.py --model PLAIN_DIR --dithered DITHERED_DIR \\
+        --calib ../shared/data/calibration/groups_merged.txt \\
+        --text ../shared/data/wikitext-2-raw/wiki.test.raw --chunks 100 --work /tmp/bq \\
+        --rows rtn:Q4_0,awq:Q4_0,imatrix:Q4_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_llama_perplexity import build_llama_perplexity  # noqa: E402
+
+QUANTS = {
+    "Q4_0": ["--quant", "Q4_0"],
+    "Q4_1": ["--quant", "Q4_1"],
+    "g128": ["--bits", "4", "--group", "128"],
+    "g128s": ["--bits", "4", "--group", "128", "--sym"],
+}
+METHODS = {
+    "rtn": ["--method", "rtn"],
+    "awq": ["--method", "awq"],
+    "awq-self": ["--method", "awq"],
+    "awq-noscale": ["--method", "awq", "--no-scale"],
+    "awq-noclip": ["--method", "awq", "--no-clip"],
+    "awq-noweight": ["--method", "awq", "--no-weighting"],
+    "awq-act": ["--method", "awq", "--act-scaling"],
+    "awq-fpin": ["--method", "awq", "--awq-inputs", "fp"],
+}
+IMATRIX_CHILD = """
+import sys, llmq
+from llmq.calib import CalibConfig
+from llmq.imatrix import compute_imatrix
+from llmq.eval import quantize_with_llama_cpp
+model, f16, out, ftype, calib, n, seqlen = sys.argv[1:8]
+imat = compute_imatrix(model, CalibConfig(calib, n_samples=int(n), seqlen=int(seqlen)), progress=False)
+quantize_with_llama_cpp(f16, out, ftype, imatrix=imat, overwrite=True)
+"""
+_PPL = re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*(?:±|\+/-)\s*([0-9.]+)")
+_FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+)\s+\+/-\s+([0-9.]+)")
+_KLD = re.compile(r"Mean\s+KLD:\s*([0-9.]+)\s*±\s*([0-9.]+)")
+_KLD99 = re.compile(r"99\.0%\s+KLD:\s*([0-9.]+)")
+_TOP1 = re.compile(r"Same top p:\s*([0-9.]+)\s*±\s*([0-9.]+)\s*%")
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, str]:
+    """Run ``cmd``; return (peak RSS MiB, seconds, output). Fails loudly with the output tail."""
+    t0 = time.perf_counter()
+    with open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(cmd, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out_bytes = proc.stdout.read() if proc.stdout else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+    out = out_bytes.decode("utf-8", "replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{out[-3000:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0, out
+
+
+def perplexity(binary: Path, model: Path, args: argparse.Namespace, base: Path, *, save: bool) -> dict:
+    """llama-perplexity on ``model``: saves the KL base (F16) or scores against it."""
+    cmd = [str(binary), "-m", str(model), "-f", str(args.text), "-c", "512", "--chunks", str(args.chunks)]
+    cmd += ["-fa", "off", "-t", str(args.threads), "--kl-divergence-base", str(base)]
+    if not save:
+        cmd.append("--kl-divergence")
+    _, secs, out = run_child(cmd)
+    if save:
+        m = _FINAL.search(out)
+        assert m, out[-2000:]
+        return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2)), "eval_s": secs}
+    ppl, kld, top1 = _PPL.search(out), _KLD.search(out), _TOP1.search(out)
+    assert ppl and kld and top1, out[-3000:]
+    p99 = _KLD99.search(out)
+    return {
+        "ppl": float(ppl.group(1)),
+        "ppl_err": float(ppl.group(2)),
+        "kl": float(kld.group(1)),
+        "kl_err": float(kld.group(2)),
+        "kl_p99": float(p99.group(1)) if p99 else None,
+        "top1": float(top1.group(1)) / 100,
+        "eval_s": secs,
+    }
+
+
+def row(
+    ref: str, model: Path, spec: str, f16: Path, args: argparse.Namespace, binary: Path, base: Path
+) -> dict:
+    work: Path = args.work
+    cache = work / f"{ref}-{spec.replace(':', '-')}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    method, quant = spec.split(":")
+    method, _, n = method.partition("@")  # awq@32: 32 calibration windows instead of --samples
+    samples = int(n) if n else args.samples
+    out = work / f"{ref}-{method}{'@' + n if n else ''}-{quant}.gguf"
+    calib = ["--calib-samples", str(samples), "--calib-seqlen", str(args.seqlen)]
+    if method == "imatrix":
+        if quant not in ("Q4_0", "Q4_1"):
+            raise SystemExit(f"{spec}: imatrix rows are llama.cpp file types (Q4_0, Q4_1)")
+        child = [sys.executable, "-c", IMATRIX_CHILD, str(model), str(f16), str(out), quant]
+        rss, secs, _ = run_child(child + [str(args.calib), str(samples), str(args.seqlen)])
+    else:
+        cmd = [sys.executable, "-m", "llmq", "convert", str(model), "-o", str(out), "-f", "-q", "--no-card"]
+        cmd += METHODS[method] + QUANTS[quant]
+        if method.startswith("awq"):
+            cmd += calib + ["--calib", "self" if method == "awq-self" else str(args.calib)]
+        rss, secs, _ = run_child(cmd)
+    res = {"ref": ref, "row": spec, "file_mib": out.stat().st_size / 2**20, "convert_s": secs, "rss_mib": rss}
+    res.update(perplexity(binary, out, args, base, save=False))
+    if not args.keep:
+        out.unlink()
+    cache.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="plain reference checkpoint")
+    ap.add_argument("--dithered", type=Path, help="dithered reference checkpoint")
+    ap.add_argument("--calib", type=Path, required=True, help="calibration text (never the evaluation text)")
+    ap.add_argument("--text", type=Path, required=True, help="evaluation text (WikiText-2 test)")
+    ap.add_argument("--chunks", type=int, default=100)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, required=True, help="directory for files and cached results")
+    ap.add_argument("--rows", default="rtn:Q4_0,awq:Q4_0,imatrix:Q4_0", help="comma-separated METHOD:QUANT")
+    ap.add_argument("--refs", default="plain,dithered", help="which references: plain, dithered")
+    ap.add_argument("--keep", action="store_true", help="keep the GGUF files")
+    ap.add_argument("--json", type=Path, help="write all results here")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    binary = build_llama_perplexity(log=lambda s: print(s, file=sys.stderr))
+    refs = {"plain": args.model, "dithered": args.dithered}
+    results = []
+    for ref in args.refs.split(","):
+        model = refs[ref]
+        if model is None:
+            raise SystemExit(f"--refs {ref} needs --{ref}")
+        f16, base = args.work / f"{ref}-F16.gguf", args.work / f"{ref}-F16.kld"
+        f16_json = args.work / f"{ref}-F16.json"
+        if not f16_json.is_file() or not base.is_file() or not f16.is_file():
+            cmd = [
+                sys.executable,
+                "-m",
+                "llmq",
+                "convert",
+                str(model),
+                "-o",
+                str(f16),
+                "-f",
+                "-q",
+                "--quant",
+                "F16",
+            ]
+            run_child(cmd + ["--no-card"])
+            res = {"ref": ref, "row": "F16", "file_mib": f16.stat().st_size / 2**20}
+            res.update(perplexity(binary, f16, args, base, save=True))
+            f16_json.write_text(json.dumps(res, indent=1))
+        results.append(json.loads(f16_json.read_text()))
+        for spec in args.rows.split(","):
+            results.append(row(ref, model, spec.strip(), f16, args, binary, base))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    print(
+        f"\nWikiText-2 test, {args.chunks} chunks of 512; calibration {args.calib.name}, {args.samples} x {args.seqlen}\n"
+    )
+    print("| reference | row | file MiB | PPL | KL vs F16 | KL p99 | top-1 | convert s | peak RSS MiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        kl = f"{r['kl']:.5f} ± {r['kl_err']:.5f}" if "kl" in r else "—"
+        p99 = f"{r['kl_p99']:.4f}" if r.get("kl_p99") is not None else "—"
+        top1 = f"{r['top1']:.4f}" if "top1" in r else "—"
+        conv = f"{r['convert_s']:.0f}" if "convert_s" in r else "—"
+        rss = f"{r['rss_mib']:.0f}" if "rss_mib" in r else "—"
+        print(
+            f"| {r['ref']} | {r['row']} | {r['file_mib']:.1f} | {r['ppl']:.4f} ± {r['ppl_err']:.3f} | {kl} | {p99} "
+            f"| {top1} | {conv} | {rss} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
