@@ -41,7 +41,7 @@ class LayerStream:
         self.n_layers = int(getattr(ckpt.config, arch.n_layers_key))
         self._cls = arch.layer_class()
         if getattr(ckpt.config, "_attn_implementation", None) is None:
-            ckpt.config._attn_implementation = "eager"  # modules built directly need an attention backend
+            ckpt.config._attn_implementation = "sdpa"  # modules built directly need an attention backend
 
     def layer_sources(self, i: int) -> dict[str, str]:
         """Map parameter name within layer ``i`` -> checkpoint tensor name."""
