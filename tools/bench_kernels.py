@@ -1,6 +1,6 @@
 """Throughput of llmq's NumPy reference kernels, per format, against numpy on a pre-decoded matrix.
 
-For an N x K weight (default 4096 x 4096, standard normal, quantized by gguf-py or ``pack_awq``):
+For an N x K weight (default 4096 x 4096, standard normal, quantized by gguf-py, llmq's K-quant codecs or ``pack_awq``):
 decode throughput of ``dequantize``, GFLOP/s of the tiled ``matmul`` at batch 1 and 64, the ratio to
 ``x @ W_f32.T`` on the pre-decoded float32 matrix (same process, same x, timed interleaved), and
 the peak extra memory of the tiled path (tracemalloc, output included). Prints a Markdown table.
@@ -90,7 +90,13 @@ def _pack(name: str, w: Any) -> Any:
     from llmq.kernels import FORMATS, GGUFBlockFormat, pack_awq
 
     if isinstance(FORMATS[name], GGUFBlockFormat):
-        return np.ascontiguousarray(quants.quantize(w, GGMLQuantizationType[name])).view(np.uint8)
+        try:
+            data = quants.quantize(w, GGMLQuantizationType[name])
+        except NotImplementedError:  # gguf-py has no K-quant encoder: llmq's (byte-identical to libggml)
+            from llmq.codecs import get_codec
+
+            data = get_codec(name).encode(w)
+        return np.ascontiguousarray(data).view(np.uint8)
     if name == "AWQ_INT4":
         return pack_awq(w, group_size=128)
     raise SystemExit(f"bench_kernels: no packer for format {name}")
