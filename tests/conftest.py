@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +64,41 @@ def calibration_path() -> Path:
     if not path.is_file():
         pytest.fail(f"calibration text not found at {path} (the shared data folder sits beside the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def ggml_quantize() -> Callable[..., np.ndarray]:
+    """``f(codec, x, importance)``: llama.cpp's bytes for ``x`` (rows of K) via `ggml_quantize_chunk`."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        pytest.fail("llama-cpp-python is a test dependency (it ships libggml)")
+    libdir = Path(spec.origin).parent / "lib"
+    fn = None
+    for path in sorted(libdir.glob("*ggml-base*")) + sorted(libdir.glob("*ggml*")):
+        lib = ctypes.CDLL(str(path))
+        if hasattr(lib, "ggml_quantize_chunk"):
+            fn = lib.ggml_quantize_chunk
+            break
+    if fn is None:
+        pytest.fail(f"no library in {libdir} exports ggml_quantize_chunk")
+    fn.restype = ctypes.c_size_t
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr]
+
+    def run(codec: Any, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros(codec.nbytes(x.shape), np.uint8)
+        imp = None if importance is None else np.ascontiguousarray(importance, np.float32)
+        n = fn(
+            int(codec.qtype),
+            x.ctypes.data,
+            out.ctypes.data,
+            0,
+            x.shape[0],
+            x.shape[1],
+            imp if imp is None else imp.ctypes.data,
+        )
+        assert n == out.size
+        return out.reshape(codec.byte_shape(x.shape))
+
+    return run

@@ -7,8 +7,6 @@ Every codec with ``supports_importance`` is covered, so a new one is tested for 
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,47 +20,9 @@ from llmq.errors import FormatError
 WEIGHTED = sorted(n for n, c in REGISTRY.items() if c.supports_importance)
 QUANTIZED = sorted(n for n, c in REGISTRY.items() if not c.is_float)
 GROUPED_WEIGHTED = sorted(n for n in WEIGHTED if issubclass(REGISTRY[n], GroupCodec))
+# the shared libggml fixture (tests/conftest.py): f(codec, x, importance=None) -> bytes
+GgmlQuantize = Callable[..., np.ndarray]
 MIN_IDENTICAL = 0.999  # fraction of blocks that must be byte-identical to ggml's
-
-GgmlQuantize = Callable[[type[Codec], np.ndarray, "np.ndarray | None"], np.ndarray]
-
-
-@pytest.fixture(scope="module")
-def ggml_quantize() -> GgmlQuantize:
-    """``f(codec, x, importance)``: llama.cpp's bytes for ``x`` (rows of K) via `ggml_quantize_chunk`."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        pytest.fail("llama-cpp-python is a test dependency (it ships libggml)")
-    libdir = Path(spec.origin).parent / "lib"
-    fn = None
-    for path in sorted(libdir.glob("*ggml-base*")) + sorted(libdir.glob("*ggml*")):
-        lib = ctypes.CDLL(str(path))
-        if hasattr(lib, "ggml_quantize_chunk"):
-            fn = lib.ggml_quantize_chunk
-            break
-    if fn is None:
-        pytest.fail(f"no library in {libdir} exports ggml_quantize_chunk")
-    fn.restype = ctypes.c_size_t
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr]
-
-    def run(codec: type[Codec], x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros(codec.nbytes(x.shape), np.uint8)
-        imp = None if importance is None else np.ascontiguousarray(importance, np.float32)
-        n = fn(
-            int(codec.qtype),
-            x.ctypes.data,
-            out.ctypes.data,
-            0,
-            x.shape[0],
-            x.shape[1],
-            imp if imp is None else imp.ctypes.data,
-        )
-        assert n == out.size
-        return out.reshape(codec.byte_shape(x.shape))
-
-    return run
 
 
 def _weighted_error(

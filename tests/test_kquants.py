@@ -6,8 +6,6 @@ gguf-py cannot quantize K-quants, so the reference bytes come from libggml's `gg
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,39 +17,9 @@ from llmq.kernels import dequantize, matmul
 from llmq.codecs import REGISTRY, Codec
 
 K_QUANTS = sorted(n for n in REGISTRY if n.endswith("_K"))
+# the shared libggml fixture (tests/conftest.py): f(codec, x, importance=None) -> bytes
+GgmlQuantize = Callable[..., np.ndarray]
 MIN_IDENTICAL = 0.999  # fraction of blocks that must be byte-identical to ggml's
-
-GgmlQuantize = Callable[[type[Codec], np.ndarray], np.ndarray]
-
-
-@pytest.fixture(scope="module")
-def ggml_quantize() -> GgmlQuantize:
-    """``f(codec, x)``: llama.cpp's reference bytes for ``x`` (rows of K) via `ggml_quantize_chunk`."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        pytest.fail("llama-cpp-python is a test dependency (it ships libggml)")
-    libdir = Path(spec.origin).parent / "lib"
-    fn = None
-    for path in sorted(libdir.glob("*ggml-base*")) + sorted(libdir.glob("*ggml*")):
-        lib = ctypes.CDLL(str(path))
-        if hasattr(lib, "ggml_quantize_chunk"):
-            fn = lib.ggml_quantize_chunk
-            break
-    if fn is None:
-        pytest.fail(f"no library in {libdir} exports ggml_quantize_chunk")
-    fn.restype = ctypes.c_size_t
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr]
-
-    def run(codec: type[Codec], x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros(codec.nbytes(x.shape), np.uint8)
-        assert (
-            fn(int(codec.qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None) == out.size
-        )
-        return out.reshape(codec.byte_shape(x.shape))
-
-    return run
 
 
 def _cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
