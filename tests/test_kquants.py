@@ -1,7 +1,8 @@
 """K-quant codecs (Q2_K .. Q6_K) against llama.cpp itself, and their decoders against gguf-py.
 
 gguf-py cannot quantize K-quants, so the reference bytes come from libggml's `ggml_quantize_chunk`
-(shipped inside llama-cpp-python) with no importance, which runs `quantize_row_q*_K_ref`.
+(shipped inside llama-cpp-python): with no importance it runs `quantize_row_q*_K_ref`, with an
+importance matrix the weighted `quantize_row_q*_K_impl`.
 """
 
 from __future__ import annotations
@@ -45,26 +46,40 @@ def _cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"normal": normal, "scaled": scaled, "extreme": x}
 
 
-def _sq_error(codec: type[Codec], data: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _sq_error(
+    codec: type[Codec], data: np.ndarray, x: np.ndarray, importance: np.ndarray | None
+) -> np.ndarray:
     back = quants.dequantize(data, codec.qtype).reshape(x.shape).astype(np.float64)
-    return ((back - x) ** 2).reshape(-1, codec.block_size).sum(axis=1)
+    err = (back - x) ** 2 * (1.0 if importance is None else importance[None, :])
+    return err.reshape(-1, codec.block_size).sum(axis=1)
 
 
-def _assert_agrees(codec: type[Codec], x: np.ndarray, ref: np.ndarray, label: str) -> None:
-    ours = codec.encode(x)
+def _assert_agrees(
+    codec: type[Codec], x: np.ndarray, ref: np.ndarray, label: str, importance: np.ndarray | None = None
+) -> None:
+    ours = codec.encode(x, importance)
     assert ours.shape == ref.shape and ours.dtype == np.uint8
     same = (ours.reshape(-1, codec.type_size) == ref.reshape(-1, codec.type_size)).all(axis=1)
     assert same.mean() >= MIN_IDENTICAL, f"{codec.name} {label}: {same.sum()}/{same.size} blocks identical"
     if not same.all():  # a rounding tie may pick another candidate; it must not be worse
-        e_ours, e_ref = _sq_error(codec, ours, x)[~same], _sq_error(codec, ref, x)[~same]
+        e_ours = _sq_error(codec, ours, x, importance)[~same]
+        e_ref = _sq_error(codec, ref, x, importance)[~same]
         assert (e_ours <= e_ref * (1 + 1e-6) + 1e-30).all(), f"{codec.name} {label}: worse than ggml"
+
+
+def _importances(rng: np.random.Generator, k: int) -> dict[str, np.ndarray]:
+    lognormal = np.exp(rng.standard_normal(k) * 1.5).astype(np.float32)  # imatrix-like spread
+    sparse = lognormal.copy()
+    sparse[rng.random(k) < 0.3] = 0.0  # dead columns: zero weight
+    sparse[:16] = 0.0  # a whole sub-block with no weight
+    return {"lognormal": lognormal, "sparse": sparse, "flat": np.ones(k, np.float32)}
 
 
 def test_registry_has_the_k_quants() -> None:
     assert K_QUANTS == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
     for name in K_QUANTS:
         codec = REGISTRY[name]
-        assert codec.block_size == 256 and not codec.supports_importance and not codec.is_float
+        assert codec.block_size == 256 and codec.supports_importance and not codec.is_float
 
 
 @pytest.mark.parametrize("name", K_QUANTS)
@@ -88,6 +103,32 @@ def test_encode_matches_ggml_on_smollm2(
             if x.shape[1] % codec.block_size:
                 x = x[:, : x.shape[1] // codec.block_size * codec.block_size]
             _assert_agrees(codec, np.ascontiguousarray(x), ggml_quantize(codec, x), key)
+
+
+@pytest.mark.parametrize("name", K_QUANTS)
+def test_weighted_encode_matches_ggml(name: str, ggml_quantize: GgmlQuantize) -> None:
+    codec = REGISTRY[name]
+    rng = np.random.default_rng(24)
+    for label, x in _cases(rng).items():
+        for ilabel, imp in _importances(rng, x.shape[1]).items():
+            _assert_agrees(codec, x, ggml_quantize(codec, x, imp), f"{label}/{ilabel}", imp)
+
+
+@pytest.mark.parametrize("name", K_QUANTS)
+def test_weighted_encode_matches_ggml_on_smollm2(
+    name: str, reference_model_dir: Path, ggml_quantize: GgmlQuantize
+) -> None:
+    """Real rows of 1536 (ffn_down, K-quantized in the mixes) with an importance of real spread."""
+    from safetensors import safe_open
+
+    codec = REGISTRY[name]
+    with safe_open(str(reference_model_dir / "model.safetensors"), "pt") as f:
+        x = np.ascontiguousarray(f.get_tensor("model.layers.7.mlp.down_proj.weight").float().numpy()[:128])
+    imp = _importances(np.random.default_rng(25), x.shape[1])["lognormal"]
+    ours = codec.encode(x, imp)
+    _assert_agrees(codec, x, ggml_quantize(codec, x, imp), "down_proj", imp)
+    # the importance changes the bytes: it is not ignored
+    assert not np.array_equal(ours, codec.encode(x))
 
 
 def _random_bytes(codec: type[Codec], n: int, rng: np.random.Generator) -> np.ndarray:

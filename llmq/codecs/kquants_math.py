@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quants_math import GROUP_MAX_EPS, seq_sum
+from .quants_math import GROUP_MAX_EPS, make_qkx3_quants, seq_sum
 
 _F32 = np.float32
 # Sub-blocks per chunk of temporaries, so a search's scratch stays cache-sized.
@@ -48,73 +48,81 @@ def make_qkx2_quants(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric scale/min search of each sub-block; ggml's `make_qkx2_quants`.
 
-    Starts from the min/max fit (min clamped to at most 0), then for ``is = 0 .. nstep`` rounds with
-    ``iscale = (rmin + rdelta * is + nmax) / (max - min)``, refits scale and min by weighted least
-    squares, and keeps the candidate if its weighted error (absolute with ``use_mad``) is lower. An
-    accepted candidate's min shifts the rounding of the later candidates, as in the C loop.
-
-    Args:
-        x: ``(n, k)`` float32 sub-blocks.
-        weights: ``(n, k)`` float32 weights.
-        nmax: the top code.
-        rmin, rdelta, nstep: the search grid.
-        use_mad: weigh absolute instead of squared differences.
+    ggml's `make_qkx2_quants` and `make_qkx3_quants` run the same search (start from the min/max
+    fit, try ``iscale = (rmin + rdelta * is + nmax) / (max - min)`` for ``is = 0 .. nstep``, refit
+    scale and min by weighted least squares, keep a candidate that lowers the weighted error); they
+    differ only in where the weights come from, so this is `make_qkx3_quants` with explicit weights.
 
     Returns:
         ``scale`` ``(n,)``, ``the_min`` ``(n,)`` (ggml's positive ``-min``) and codes ``(n, k)``
         uint8 in ``0 .. nmax``, so that ``x ~= scale * L - the_min``.
     """
+    scale, m, codes = make_qkx3_quants(x, nmax, weights, rmin, rdelta, nstep, use_mad)
+    return scale, (-m).astype(_F32), codes
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted search for the super-block scale of non-negative values; ggml's `make_qp_quants`.
+
+    Used by the importance-weighted K-quant encoders to quantize the sub-block scales and mins to
+    ``nmax`` (15 or 63) levels. Tries ``iscale = (nmax + 0.1 is) / max`` for ``is = -4 .. 4`` by
+    weighted squared error, then up to five passes move single codes to their least-squares best
+    (a pass that changes nothing leaves the state as it is, so all five run on every block).
+
+    Args:
+        x: ``(n, k)`` float32 values (scales or mins of ``k`` sub-blocks).
+        nmax: the top code.
+        weights: ``(n, k)`` float32 weights (the sub-blocks' summed element weights).
+
+    Returns:
+        ``scale`` ``(n,)`` float32 and codes ``(n, k)`` uint8 (as C stores ``int`` into ``uint8_t``).
+    """
     x = np.asarray(x, _F32)
-    w = np.asarray(weights, _F32)
     n, k = x.shape
-    scale, the_min, codes = np.zeros(n, _F32), np.zeros(n, _F32), np.zeros((n, k), np.uint8)
-    grid = [(_F32(rmin) + _F32(rdelta) * _F32(i)) + _F32(nmax) for i in range(nstep + 1)]
-    for sl in _chunks(n, k):
-        scale[sl], the_min[sl], codes[sl] = _qkx2_chunk(x[sl], w[sl], nmax, grid, use_mad)
-    return scale, the_min, codes
+    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(np.asarray(weights, _F32).T)
+    mx = np.maximum(xt.max(axis=0), _F32(0))  # `max = MAX(max, x[i])` from 0
+    zero = mx < GROUP_MAX_EPS
+    mx = np.where(zero, _F32(1), mx)
 
+    def codes(iscale: np.ndarray, clamp: bool, store: bool) -> np.ndarray:
+        l = nearest_int(iscale * xt)
+        if clamp:
+            l = np.minimum(nmax, l)
+        return ((l & 0xFF) if store else l).astype(_F32)  # `L[i] = l` wraps into a uint8_t
 
-def _qkx2_chunk(x: np.ndarray, w: np.ndarray, nmax: int, grid: list, use_mad: bool):
-    n = x.shape[0]
-    mn = x[np.arange(n), x.argmin(axis=1)]  # the first minimum, as the C loop's strict `<` keeps it
-    mx = x.max(axis=1)
-    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
-    sum_w = seq_sum(wt, from_zero=False)
-    sum_x = seq_sum(wt * xt, from_zero=False)
-    mn = np.where(mn > 0, _F32(0), mn)
-    flat = mx == mn
-
-    def error(s: np.ndarray, m: np.ndarray, l: np.ndarray) -> np.ndarray:
-        diff = s * l + m - xt  # `scale * L[i] + min - x[i]`
-        return seq_sum(wt * (np.abs(diff) if use_mad else diff * diff))
-
-    def rounded(iscale: np.ndarray, m: np.ndarray) -> np.ndarray:
-        return np.clip(nearest_int(iscale * (xt - m)), 0, nmax).astype(_F32)
+    def mse(scale: np.ndarray, l: np.ndarray) -> np.ndarray:
+        diff = xt - scale * l
+        return seq_sum(wt * diff * diff)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = (_F32(nmax) / (mx - mn)).astype(_F32)
-        scale = (_F32(1) / iscale).astype(_F32)
-        codes = rounded(iscale, mn)
-        best = error(scale, mn, codes)
-        for g in grid:
-            l = rounded((g / (mx - mn)).astype(_F32), mn)
-            wl = wt * l
-            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * l), seq_sum(wl * xt)
-            det = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            pos = this_min > 0
-            this_min = np.where(pos, _F32(0), this_min)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            cur = error(this_scale, this_min, l)
-            better = (det > 0) & (cur < best) & ~flat
-            codes = np.where(better, l, codes)
+        iscale = (_F32(nmax) / mx).astype(_F32)
+        best = mse((_F32(1) / iscale).astype(_F32), codes(iscale, False, True))
+        for i in (-4, -3, -2, -1, 1, 2, 3, 4):
+            iscale_i = ((_F32(0.1) * _F32(i) + _F32(nmax)) / mx).astype(_F32)
+            cur = mse((_F32(1) / iscale_i).astype(_F32), codes(iscale_i, True, False))
+            better = cur < best
             best = np.where(better, cur, best)
-            scale = np.where(better, this_scale, scale)
-            mn = np.where(better, this_min, mn)
-    codes[:, flat] = 0
-    scale = np.where(flat, _F32(0), scale)
-    return scale.astype(_F32), (-mn).astype(_F32), codes.T.astype(np.uint8)
+            iscale = np.where(better, iscale_i, iscale)
+        L = codes(iscale, True, True)
+        wx = wt * xt
+        sumlx, suml2 = seq_sum(wx * L), seq_sum(wt * L * L)
+        for _ in range(5):
+            for i in range(k):
+                li = L[i]
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - wt[i] * li * li
+                ok = (slx > 0) & (sl2 > 0)
+                new = np.minimum(nmax, nearest_int(xt[i] * sl2 / np.where(ok, slx, _F32(1)))).astype(_F32)
+                slx2 = slx + wx[i] * new
+                sl22 = sl2 + wt[i] * new * new
+                take = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                L[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(_F32), li)
+                sumlx = np.where(take, slx2, sumlx)
+                suml2 = np.where(take, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, _F32(0)).astype(_F32)
+    codes = L.T.astype(np.uint8)
+    codes[zero] = 0
+    return np.where(zero, _F32(0), scale).astype(_F32), codes
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
