@@ -87,6 +87,8 @@ def test_weighted_matches_ggml_on_smollm2(
     with safe_open(str(reference_model_dir / "model.safetensors"), "pt") as f:
         for key in keys:
             x = f.get_tensor(key).float().numpy()
+            if not codec.can_store(x.shape):  # K-quants: rows of 576 fall back to legacy types
+                continue
             k = x.shape[1]
             # mean square of activations with a realistic per-channel spread (an imatrix)
             acts = rng.standard_normal((64, k)) * np.exp(rng.standard_normal(k))
