@@ -19,6 +19,10 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.quant is not None and (args.bits is not None or args.group is not None or args.sym):
         raise LlmqError("--quant names a GGUF type; it cannot be combined with --bits/--group/--sym")
+    if args.method is None:  # an importance matrix from a file weighs round-to-nearest, as llama-quantize
+        args.method = "rtn" if args.imatrix is not None else "awq"
+    from .mixes import parse_tensor_types
+
     cfg = QuantConfig(
         quant=args.quant,
         bits=4 if args.bits is None else args.bits,
@@ -26,6 +30,7 @@ def _convert(args: argparse.Namespace) -> int:
         sym=args.sym,
         embed_type=args.embed_type,
         method=args.method,
+        tensor_types=parse_tensor_types(args.tensor_type or []),
     )
     calib_opts = [o for o in ("calib", "calib_samples", "calib_seqlen") if getattr(args, o) is not None]
     if cfg.method != "awq" and calib_opts:
@@ -57,6 +62,7 @@ def _convert(args: argparse.Namespace) -> int:
         cfg,
         calib=calib,
         awq=awq,
+        imatrix=args.imatrix,
         device=args.device,
         write_report=not args.no_report,
         overwrite=args.force,
@@ -66,6 +72,27 @@ def _convert(args: argparse.Namespace) -> int:
         command=command,
     )
     print(result.summary())
+    return 0
+
+
+def _imatrix(args: argparse.Namespace) -> int:
+    from .calib import CalibConfig
+    from .imatrix import imatrix_file
+
+    calib = CalibConfig(
+        args.calib or "self",
+        n_samples=args.calib_samples,
+        seqlen=args.calib_seqlen,
+        batch_size=args.calib_batch,
+        seed=args.seed,
+    )
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise LlmqError(f"{out} exists; pass -f/--force to overwrite it")
+    path = imatrix_file(
+        args.src, out, calib, device=args.device, progress=not args.quiet, legacy=args.format == "dat"
+    )
+    print(f"wrote {path} (importance matrix, {calib.n_samples} x {calib.seqlen} tokens of {calib.source})")
     return 0
 
 
@@ -133,7 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("src", help="model directory (config.json + *.safetensors) or hub id owner/name")
     c.add_argument("-o", "--output", help="output .gguf path (default: <model>-<quant>.gguf here)")
-    c.add_argument("--quant", help="GGUF type by llama.cpp's name: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 F16 BF16 F32")
+    c.add_argument(
+        "--quant",
+        help="GGUF type or llama.cpp mix by name: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K ... F16 BF16 F32, or "
+        "Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K (per-tensor types as llama-quantize)",
+    )
+    c.add_argument(
+        "--tensor-type",
+        action="append",
+        metavar="PATTERN=TYPE",
+        help="store tensors whose GGUF name matches the regex PATTERN as TYPE (repeatable, first match "
+        "wins; e.g. ffn_down=Q6_K, 'blk\\.[0-3]\\.attn_v=Q8_0'), as llama-quantize --tensor-type",
+    )
+    c.add_argument(
+        "--imatrix",
+        metavar="FILE",
+        help="importance matrix (llama.cpp GGUF or legacy .dat, e.g. from `llmq imatrix`) weighing "
+        "round-to-nearest encoding; implies --method rtn",
+    )
     c.add_argument("--bits", type=int, help="bits per weight, 2..8 (GGUF stores 4, 5, 8); default 4")
     c.add_argument(
         "--group", type=int, help="values sharing a scale: a multiple of 32, or -1 per output row; default 32"
@@ -144,10 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--method",
-        default="awq",
         choices=("awq", "rtn"),
         help="awq (default): activation-aware scales + clipping + importance-weighted encoding; "
-        "rtn: round to nearest, no calibration (float types always use rtn)",
+        "rtn: round to nearest, no calibration (float types always use rtn; default with --imatrix)",
     )
     a = c.add_argument_group("calibration and AWQ search (--method awq)")
     a.add_argument(
@@ -193,6 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-card", action="store_true", help="do not write the model card OUT.md")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_convert)
+
+    m = sub.add_parser(
+        "imatrix",
+        help="compute an importance matrix (mean x^2 per input column) in llama.cpp's format",
+        description="Run calibration text through the model layer by layer and write llama.cpp's GGUF "
+        "imatrix (or legacy .dat), for `llmq convert --imatrix` or llama-quantize --imatrix.",
+    )
+    m.add_argument("src", help="model directory or hub id")
+    m.add_argument("-o", "--output", required=True, help="output file (.gguf, or .dat with --format dat)")
+    m.add_argument("--format", choices=("gguf", "dat"), default="gguf", help="file format (default gguf)")
+    m.add_argument("--calib", metavar="SRC", help="calibration text, as for convert (default: self)")
+    m.add_argument("--calib-samples", type=int, default=128, metavar="N", help="windows (default 128)")
+    m.add_argument(
+        "--calib-seqlen", type=int, default=512, metavar="L", help="tokens per window (default 512)"
+    )
+    m.add_argument("--calib-batch", type=int, default=8, metavar="B", help="windows per forward (default 8)")
+    m.add_argument("--seed", type=int, default=0, help="seed of window offsets (default 0)")
+    m.add_argument("--device", default="cpu", help="where the forwards run (default cpu)")
+    m.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=_imatrix)
 
     i = sub.add_parser(
         "inspect",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .codecs import REGISTRY, Codec, GroupCodec, get_codec
 from .errors import FormatError
+from .mixes import MIXES, Mix, parse_tensor_types
 
 # (bits, symmetric) -> the GGUF legacy type that stores exactly that group-wise quantization
 _GGUF_BY_BITS: dict[tuple[int, bool], str] = {
@@ -23,18 +24,21 @@ METHODS = ("awq", "rtn")
 class QuantConfig:
     """How to quantize the linear weights of a model.
 
-    Either name a GGUF type with ``quant`` (llama.cpp's names: ``Q4_0``, ``Q8_0``, ``F16`` ...), or give a
-    group-wise uniform scheme with ``bits``/``group_size``/``sym``; a group of ``g`` values is stored as
-    ``g / 32`` GGUF blocks sharing one scale (and min), so the file holds exactly those values.
+    Either name a GGUF type or llama.cpp mix with ``quant`` (``Q4_0``, ``Q8_0``, ``F16``, ``Q4_K``,
+    ``Q4_K_M`` ...), or give a group-wise uniform scheme with ``bits``/``group_size``/``sym``; a group
+    of ``g`` values is stored as ``g / 32`` GGUF blocks sharing one scale (and min), so the file holds
+    exactly those values. A mix (`llmq.mixes.MIXES`) picks each tensor's type by llama-quantize's rules.
 
     Attributes:
-        quant: GGUF type name; overrides bits/group_size/sym.
+        quant: GGUF type or mix name; overrides bits/group_size/sym.
         bits: 2..8 bits per weight (GGUF legacy types store 4, 5 and 8).
         group_size: values sharing a scale: a multiple of 32, or -1 for one group per output row.
         sym: symmetric (no zero-point) quantization.
         embed_type: type of the token embedding and output tensors.
         method: the search run before encoding: ``awq`` (activation-aware scales and clipping on
             calibration data, importance-weighted encoding) or ``rtn`` (none: round to nearest).
+        tensor_types: ``(regex, type)`` overrides searched in each GGUF tensor name, first match
+            wins (llama-quantize's ``--tensor-type``); a tensor they name keeps no mix rule.
 
     Example:
         >>> QuantConfig(bits=4, group_size=128).codec_name
@@ -47,12 +51,17 @@ class QuantConfig:
     sym: bool = False
     embed_type: str | None = None
     method: str = "awq"
+    tensor_types: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "tensor_types", parse_tensor_types([f"{p}={t}" for p, t in self.tensor_types])
+        )
         if self.quant is not None:
             object.__setattr__(self, "quant", self.quant.upper())
-            get_codec(self.quant)
-            if self.group_size != 32 and self.group_size != get_codec(self.quant).block_size:
+            if self.quant not in MIXES:
+                get_codec(self.quant)
+            if self.group_size != 32 and self.group_size != self.codec.block_size:
                 raise FormatError(
                     f"--quant {self.quant} fixes the block layout; drop --group {self.group_size}"
                 )
@@ -70,7 +79,7 @@ class QuantConfig:
                 have = ", ".join(f"{b}-bit {'sym' if s else 'asym'}" for b, s in _GGUF_BY_BITS)
                 raise FormatError(
                     f"--bits {self.bits}{' --sym' if self.sym else ''} has no GGUF type that stores it exactly "
-                    f"(GGUF legacy types hold: {have}); K-quant storage for 2/3/6-bit is not available yet"
+                    f"(GGUF legacy types hold: {have}); for 2, 3 or 6 bits use a K-quant: --quant Q2_K, Q3_K_M, Q6_K ..."
                 )
         if self.embed_type is not None:
             object.__setattr__(self, "embed_type", self.embed_type.upper())
@@ -81,9 +90,21 @@ class QuantConfig:
             object.__setattr__(self, "method", "rtn")
 
     @property
+    def mix(self) -> Mix | None:
+        """The llama.cpp mix ``quant`` names (``Q4_K_M``), if it names one."""
+        return MIXES.get(self.quant) if self.quant is not None else None
+
+    @property
     def codec_name(self) -> str:
-        """The GGUF type the linear weights are stored as."""
+        """The GGUF type the linear weights are stored as (a mix's default type)."""
+        if self.mix is not None:
+            return self.mix.default
         return self.quant if self.quant is not None else _GGUF_BY_BITS[(self.bits, self.sym)]
+
+    @property
+    def file_type_name(self) -> str:
+        """What ``general.file_type`` describes: the mix name, else the linears' type."""
+        return self.mix.name if self.mix is not None else self.codec_name
 
     @property
     def codec(self) -> type[Codec]:
@@ -102,7 +123,9 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """Short name used in file names: ``Q4_0``, ``Q4_1-g128``, ``Q4_1-gchan``."""
+        """Short name used in file names: ``Q4_0``, ``Q4_K_M``, ``Q4_1-g128``, ``Q4_1-gchan``."""
+        if self.mix is not None:
+            return self.mix.name
         codec = self.codec
         if not issubclass(codec, GroupCodec) or self.group == codec.block_size:
             return self.codec_name

@@ -3,12 +3,14 @@
 An entry is the mean of x^2 over the calibration tokens for each input column of a weight, keyed
 by the weight's GGUF tensor name: what llama.cpp's ``llama-imatrix`` accumulates and what
 ``llama_model_quantize`` / llmq's weighted encoders take as ``quant_weights``.
+Files in llama.cpp's formats: `llmq.imatrix_io`.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from .activations import CalibrationFlow
 from .arch import get_arch
 from .calib import CalibConfig, prepare_calibration
 from .config import QuantConfig
+from .imatrix_io import write_imatrix
 from .plan import plan_tensors
 from .source import Checkpoint, resolve_source
 from .stream import LayerStream
@@ -76,3 +79,34 @@ def compute_imatrix(
     finally:
         flow.close()
     return out
+
+
+def imatrix_file(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    calib: CalibConfig | None = None,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    legacy: bool = False,
+) -> Path:
+    """Compute an importance matrix and write it as llama.cpp's GGUF imatrix (``legacy``: ``.dat``).
+
+    llama-quantize ``--imatrix`` and ``llmq convert --imatrix`` read the result.
+
+    Example:
+        >>> imatrix_file("SmolLM2-135M-Instruct", "smol.imatrix.gguf", CalibConfig("groups_merged.txt"))
+    """
+    model_dir = resolve_source(src)
+    calibration = prepare_calibration(model_dir, calib, progress=progress)
+    n, seqlen = calibration.tokens.shape
+    entries = compute_imatrix(model_dir, calibration.tokens, device=device, progress=progress)
+    return write_imatrix(
+        out,
+        entries,
+        n_tokens=n * seqlen,
+        datasets=[calibration.config.source],
+        chunk_count=n,
+        chunk_size=seqlen,
+        legacy=legacy,
+    )

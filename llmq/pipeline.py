@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from .calib import CalibConfig, Calibration, prepare_calibration
 from .codecs import REGISTRY, GroupCodec
 from .config import QuantConfig
 from .errors import LlmqError
+from .imatrix_io import ImatrixFile, add_imatrix_metadata, read_imatrix
 from .plan import TensorPlan, plan_tensors
 from .report import add_search_metadata, search_summary, write_search_report
 from .search import LayerReport, Search, get_search
@@ -141,11 +142,15 @@ def quantized_tensors(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "",
+    imatrix: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[tuple[TensorPlan, np.ndarray]]:
     """Every planned tensor's bytes, in plan order, running ``search`` on each decoder layer first.
 
-    Appends one `LayerReport` per decoder layer to ``reports``.
+    Appends one `LayerReport` per decoder layer to ``reports``. ``imatrix`` (GGUF name -> per-column
+    importance, e.g. `read_imatrix`'s entries) weighs the encoding of tensors the search leaves
+    without an importance of its own, as llama-quantize ``--imatrix`` does.
     """
+    imatrix = imatrix or {}
     stream = LayerStream(ckpt, arch)
     inputs = (awq or AWQConfig()).inputs
     flow = None
@@ -166,7 +171,7 @@ def quantized_tensors(
                         if p.source is None
                         else ckpt.get(p.source)
                     )
-                    yield p, encode(p, to_gguf_layout(p, arch, ckpt.config, t))
+                    yield p, encode(p, to_gguf_layout(p, arch, ckpt.config, t), imatrix.get(p.name))
                     del t
                 ckpt.release()
                 continue
@@ -181,7 +186,7 @@ def quantized_tensors(
             for p in group:  # quantize + write
                 x = to_gguf_layout(p, arch, ckpt.config, params[p.source.removeprefix(prefix)])
                 imp = report.importance.get(module_name(p, arch)) if p.role == "linear" else None
-                yield p, encode(p, x, imp)
+                yield p, encode(p, x, imatrix.get(p.name) if imp is None else imp)
             if flow is not None and inputs == "quant":  # next inputs from the layer as quantized
                 load_quantized(layer, targets, report)
                 flow.advance(layer)
@@ -219,6 +224,40 @@ def _layer_line(report: LayerReport) -> str:
     return "; ".join(parts)
 
 
+def _load_imatrix(
+    imatrix: str | os.PathLike[str] | ImatrixFile, plans: list[TensorPlan], cfg: QuantConfig
+) -> ImatrixFile:
+    """Read and check an importance matrix against the plan: one value per input column."""
+    if cfg.method != "rtn":
+        raise LlmqError(
+            "--imatrix weighs round-to-nearest encoding (--method rtn); --method awq measures its own "
+            "importance from the calibration activations, adjusted for its scales"
+        )
+    imat = imatrix if isinstance(imatrix, ImatrixFile) else read_imatrix(imatrix)
+    used = 0
+    for p in plans:
+        v = imat.entries.get(p.name)
+        if v is None or len(p.shape) != 2:
+            continue
+        if v.shape != (p.shape[-1],):
+            raise LlmqError(
+                f"{imat.path}: imatrix entry {p.name} has {v.size} values; the tensor has "
+                f"{p.shape[-1]} input columns (an imatrix of another model?)"
+            )
+        used += 1
+    if used == 0:
+        raise LlmqError(f"{imat.path}: none of its {len(imat.entries)} entries names a tensor of this model")
+    missing = [p.name for p in plans if p.role == "linear" and p.name not in imat.entries]
+    if missing:
+        log.warning(
+            "imatrix %s has no entry for %d linears (e.g. %s): round to nearest",
+            imat.path,
+            len(missing),
+            missing[0],
+        )
+    return imat
+
+
 def convert(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -226,6 +265,7 @@ def convert(
     *,
     calib: CalibConfig | torch.Tensor | None = None,
     awq: AWQConfig | None = None,
+    imatrix: str | os.PathLike[str] | ImatrixFile | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -243,6 +283,9 @@ def convert(
         calib: calibration for ``method="awq"``: a `CalibConfig` (default: ``self``, text sampled
             from the model) or your own int64 ``(n_samples, seqlen)`` token tensor.
         awq: AWQ search settings (default `AWQConfig()`).
+        imatrix: an importance matrix (llama.cpp GGUF or legacy ``.dat`` file, or `read_imatrix`'s
+            result) to weigh the encoders with, as llama-quantize ``--imatrix``; ``method="rtn"``
+            only (AWQ measures its own importance, adjusted for its scales).
         device: where calibration forwards run (``cpu``, ``cuda``); the codecs run on the CPU.
         overwrite: replace an existing output.
         allow_pickle: accept ``.bin`` checkpoints (loaded with ``weights_only=True``).
@@ -269,6 +312,7 @@ def convert(
     check_output(out_path, overwrite=overwrite)
     awq = awq or AWQConfig()
     search = get_search(cfg.method, awq)
+    imat = _load_imatrix(imatrix, plans, cfg) if imatrix is not None else None
     for p in plans:
         if p.note:
             log.info("%s: %s", p.name, p.note)
@@ -286,13 +330,15 @@ def convert(
             model_dir,
             name=Path(str(src)).name,
             n_params=sum(p.n_params for p in plans),
-            codec_name=cfg.codec_name,
+            codec_name=cfg.file_type_name,
         )
         add_hparams(w.gguf, ckpt.config, int(getattr(ckpt.config, arch.n_layers_key)))
         from .writers.tokenizer import add_tokenizer
 
         add_tokenizer(w.gguf, model_dir)
         add_search_metadata(w, cfg, awq if search.needs_activations else None, calibration)
+        if imat is not None:
+            add_imatrix_metadata(w.gguf, imat)
         w.begin(plans)
         for p, data in quantized_tensors(
             ckpt,
@@ -306,6 +352,7 @@ def convert(
             device=device,
             progress=progress,
             desc=f"{cfg.method} {cfg.label}",
+            imatrix=imat.entries if imat is not None else None,
         ):
             w.write(p, data)
         seconds = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from .arch.hparams import head_dim, rope_parameters
 from .codecs import REGISTRY, GroupCodec
 from .config import QuantConfig
 from .errors import SourceError
+from .mixes import ModelShape, mix_type, override
 from .source import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,24 @@ def _choose(shape: tuple[int, ...], want: str, group: int) -> tuple[str, int, st
     return fallback, REGISTRY[fallback].block_size, note
 
 
+def _want(
+    cfg: QuantConfig, name: str, role: str, layer: int | None, shape: tuple[int, ...], model: ModelShape
+) -> tuple[str, int]:
+    """The type (and group) asked for a 2-D tensor, before the shape fallback: ``--tensor-type``
+    first, then ``--embed-type`` for embeddings/output, then the mix's rules or the plain type."""
+    forced = override(name, cfg.tensor_types)
+    if forced is not None:
+        return forced, REGISTRY[forced].block_size
+    if role != "linear" and cfg.embed_type is not None:
+        return cfg.embed_type, 32
+    if cfg.mix is not None:
+        want = mix_type(cfg.mix, name, layer, shape, model)
+        return want, REGISTRY[want].block_size
+    if role != "linear":
+        return cfg.embedding_codec_name, 32
+    return cfg.codec_name, cfg.group
+
+
 def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[TensorPlan]:
     """List every output tensor in file order: embeddings, decoder layers, final norm, output.
 
@@ -96,6 +115,9 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[Ten
     n_layers = int(getattr(config, arch.n_layers_key))
     tmap = arch.tensor_name_map(n_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    model = ModelShape(n_layers=n_layers, n_gqa=n_head // max(n_kv, 1), tied=tied)
     for needed in (arch.embed, arch.final_norm) + (() if tied else (arch.lm_head,)):
         if needed not in ckpt:
             raise SourceError(f"{ckpt.path}: tensor {needed} is missing from the checkpoint")
@@ -106,12 +128,11 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[Ten
             log.warning("skipping %s: no GGUF name for it in the %s architecture", source, arch.model_type)
             return None
         shape = ckpt.shape(source)
-        if source == arch.embed or source == arch.lm_head:
-            role, want, group = ("embed" if source == arch.embed else "output"), cfg.embedding_codec_name, 32
-        elif len(shape) == 1:
+        if len(shape) == 1:
             role, want, group = ("bias" if source.endswith(".bias") else "norm"), "F32", 1
         else:
-            role, want, group = "linear", cfg.codec_name, cfg.group
+            role = "embed" if source == arch.embed else "output" if source == arch.lm_head else "linear"
+            want, group = _want(cfg, name, role, layer, shape, model)
         codec, group, note = _choose(shape, want, group)
         return TensorPlan(name, source, shape, codec, group, layer, role, note)
 

@@ -1,12 +1,13 @@
-"""Build llama.cpp's own `llama-perplexity` from the llama-cpp-python sdist, and run it.
+"""Build llama.cpp's own `llama-perplexity` (and `llama-quantize`) from the llama-cpp-python sdist, and run it.
 
 The test suite checks that `llmq.eval.perplexity` (which drives llama.cpp through llama-cpp-python)
 reports the same figure as llama.cpp's reference tool on the same GGUF. The tool must come from the
 very llama.cpp sources the installed bindings were built from, so this script downloads the
 llama-cpp-python sdist of the installed version (it vendors llama.cpp under `vendor/llama.cpp`),
-builds only the `llama-perplexity` target, statically linked against llama/ggml, and caches it:
+builds only the `llama-perplexity` and `llama-quantize` targets (the latter proves llama.cpp reads
+the importance-matrix files llmq writes), statically linked against llama/ggml, and caches them:
 
-    $LLMQ_TEST_CACHE (or ~/.cache/llmq-tests)/llama.cpp-<version>/bin/llama-perplexity
+    $LLMQ_TEST_CACHE (or ~/.cache/llmq-tests)/llama.cpp-<version>/bin/llama-{perplexity,quantize}
 
 The build happens in a temporary folder beside the cache entry and is renamed into place at the
 end, so a half-built entry is never visible. It takes about ten minutes on two busy cores.
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BINARY = "llama-perplexity"
+# every target built into the cache entry; an entry missing one is rebuilt
+BINARIES = (BINARY, "llama-quantize")
 
 # CMake cache entries for a minimal static CPU build of the tools. GGML_NATIVE and GGML_OPENMP keep
 # their defaults (ON), as in the llama-cpp-python build whose figures we compare against.
@@ -153,14 +156,18 @@ def build_llama_perplexity(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = root / f"llama.cpp-{version}"
     binary = entry / "bin" / BINARY
-    if binary.is_file() and os.access(binary, os.X_OK):
+
+    def complete() -> bool:
+        return all(os.access(entry / "bin" / b, os.X_OK) and (entry / "bin" / b).is_file() for b in BINARIES)
+
+    if complete():
         return binary
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise BuildError(f"building {BINARY} needs `{tool}` on PATH")
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".llama.cpp-{version}.lock"):
-        if binary.is_file() and os.access(binary, os.X_OK):  # another process built it meanwhile
+        if complete():  # another process built it meanwhile
             return binary
         jobs = jobs or _jobs()
         build_log = root / f"llama.cpp-{version}.build.log"
@@ -203,27 +210,27 @@ def build_llama_perplexity(
             )
             log(f"[{BINARY}] compiling with {jobs} job(s) (several minutes; log: {build_log})")
             _run_logged(
-                ["cmake", "--build", str(build), "--target", BINARY, "--config", "Release", "-j", str(jobs)],
+                ["cmake", "--build", str(build), "--target", *BINARIES, "--config", "Release", "-j", str(jobs)],
                 build_log,
                 "cmake build",
             )
-            built = next((p for p in build.rglob(BINARY) if p.is_file() and os.access(p, os.X_OK)), None)
-            if built is None:
-                raise BuildError(f"the build finished but no {BINARY} executable is in {build}")
-
             stage = tmp / "stage"
             (stage / "bin").mkdir(parents=True)
-            shutil.copy2(built, stage / "bin" / BINARY)
+            for name in BINARIES:
+                built = next((p for p in build.rglob(name) if p.is_file() and os.access(p, os.X_OK)), None)
+                if built is None:
+                    raise BuildError(f"the build finished but no {name} executable is in {build}")
+                shutil.copy2(built, stage / "bin" / name)
             shutil.copy2(src / "LICENSE", stage / "LICENSE")
             seconds = time.monotonic() - t0
             (stage / "BUILD_INFO.txt").write_text(
                 f"llama-cpp-python {version} sdist, vendor/llama.cpp\n"
                 f"cmake {' '.join(generator + flags)}\n"
-                f"cmake --build . --target {BINARY} -j {jobs}\n"
+                f"cmake --build . --target {' '.join(BINARIES)} -j {jobs}\n"
                 f"built in {seconds:.0f} s\n",
                 encoding="utf-8",
             )
-            if entry.exists():  # a leftover without a binary (e.g. deleted by hand)
+            if entry.exists():  # a leftover without all binaries (an older llmq's, or deleted by hand)
                 shutil.rmtree(entry)
             os.rename(stage, entry)  # atomic within one file system
         shutil.copy2(build_log, entry / "build.log")

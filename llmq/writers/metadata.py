@@ -9,6 +9,7 @@ import gguf
 
 from ..arch.hparams import head_dim, rope_parameters
 from ..codecs import REGISTRY
+from ..mixes import MIXES
 
 # GGUF type name -> llama.cpp file type of a file whose linears are mostly that type
 FILE_TYPES: dict[str, gguf.LlamaFileType] = {
@@ -20,6 +21,7 @@ FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
     "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    **{name: mix.file_type for name, mix in MIXES.items()},
 }
 
 
@@ -66,6 +68,6 @@ def add_general(
     if file_type is None:  # a type without its own file type: llama.cpp shows it as "guessed"
         file_type = gguf.LlamaFileType.GUESSED
     w.add_file_type(int(file_type))
-    if not REGISTRY[codec_name].is_float:
+    if codec_name in MIXES or not REGISTRY[codec_name].is_float:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return meta

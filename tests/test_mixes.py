@@ -1,0 +1,213 @@
+"""llama.cpp's K-quant mixes and importance matrices, against llama.cpp itself.
+
+For every mix in `llmq.mixes.MIXES`, llmq's per-tensor types and tensor bytes (round to nearest, and
+with an importance matrix) must equal `llama_model_quantize`'s on the F16 file of the same tiny model;
+the importance-matrix files llmq writes must read back exactly (both formats).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+import llmq
+from llmq.errors import FormatError, LlmqError, SourceError
+from llmq.eval.llamacpp import quantize_with_llama_cpp
+from llmq.imatrix_io import read_imatrix, write_imatrix
+from llmq.mixes import MIXES, WHEN, category, mix_type
+
+MIX_NAMES = sorted(MIXES)
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    r = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, np.array(t.data).view(np.uint8).reshape(-1)) for t in r.tensors}
+
+
+def _assert_same_file(ours: Path, ref: Path) -> None:
+    a, b = _tensors(ours), _tensors(ref)
+    assert sorted(a) == sorted(b)
+    types_a = {n: t for n, (t, _) in a.items()}
+    types_b = {n: t for n, (t, _) in b.items()}
+    assert types_a == types_b, {n: (types_a[n], types_b[n]) for n in a if types_a[n] != types_b[n]}
+    for name, (_, data) in a.items():
+        assert np.array_equal(data, b[name][1]), f"{name} ({types_a[name]}): bytes differ from llama.cpp"
+
+
+@pytest.fixture(scope="module", params=["gqa4-untied", "gqa2-tied"])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 16-layer model with rows of 256 (every K type applies) and its F16 GGUF written by llmq."""
+    gqa4 = request.param == "gqa4-untied"
+    root = tmp_path_factory.mktemp(request.param)
+    src = make_tiny_llama(
+        root / "m",
+        n_layers=16,
+        hidden=256,
+        heads=8,
+        kv_heads=2 if gqa4 else 4,
+        intermediate=512,
+        tie=not gqa4,
+        dtype=torch.float16,  # the F16 file then holds exactly the checkpoint's values
+    )
+    f16 = llmq.convert(
+        src, root / "f16.gguf", llmq.QuantConfig(quant="F16"), progress=False, write_card=False
+    )
+    return src, f16.path
+
+
+@pytest.fixture(scope="module")
+def imatrix_path(model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src, f16 = model
+    rng = np.random.default_rng(3)
+    entries = {
+        t.name: np.exp(rng.standard_normal(int(t.shape[0]))).astype(np.float32)
+        for t in gguf.GGUFReader(f16).tensors
+        if t.name.startswith("blk.") and len(t.shape) == 2
+    }
+    return write_imatrix(
+        tmp_path_factory.mktemp("imat") / "m.imatrix.gguf", entries, n_tokens=1000, chunk_count=4
+    )
+
+
+@pytest.mark.parametrize("mix", MIX_NAMES)
+def test_mix_matches_llama_quantize(mix: str, model: tuple[Path, Path], tmp_path: Path) -> None:
+    src, f16 = model
+    ours = llmq.convert(
+        src,
+        tmp_path / "ours.gguf",
+        llmq.QuantConfig(quant=mix, method="rtn"),
+        progress=False,
+        write_card=False,
+    )
+    ref = quantize_with_llama_cpp(f16, tmp_path / "ref.gguf", mix, n_threads=1)
+    _assert_same_file(ours.path, ref)
+    r = gguf.GGUFReader(ours.path)
+    assert int(r.fields["general.file_type"].contents()) == int(MIXES[mix].file_type)
+
+
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M"])  # Q5_K/Q6_K weighted: test_kquants.py
+def test_mix_with_imatrix_matches_llama_quantize(
+    mix: str, model: tuple[Path, Path], imatrix_path: Path, tmp_path: Path
+) -> None:
+    src, f16 = model
+    cfg = llmq.QuantConfig(quant=mix, method="rtn")
+    ours = llmq.convert(src, tmp_path / "o.gguf", cfg, imatrix=imatrix_path, progress=False, write_card=False)
+    imat = read_imatrix(imatrix_path)
+    ref = quantize_with_llama_cpp(f16, tmp_path / "r.gguf", mix, imatrix=imat.entries, n_threads=1)
+    _assert_same_file(ours.path, ref)
+    plain = llmq.convert(src, tmp_path / "p.gguf", cfg, progress=False, write_card=False)
+    assert (
+        _tensors(plain.path)["blk.0.ffn_down.weight"][1].tobytes()
+        != _tensors(ours.path)["blk.0.ffn_down.weight"][1].tobytes()
+    )  # the importance was used
+    fields = gguf.GGUFReader(ours.path).fields
+    assert int(fields["quantize.imatrix.entries_count"].contents()) == len(imat.entries)
+
+
+def test_rules_are_data_and_follow_llama_cpp() -> None:
+    # llama-quantize's use_more_bits for 16 layers: 0, 1, 4, 7, 10, 13, 14, 15
+    assert [i for i in range(16) if WHEN["more_bits"](i, 16, None)] == [0, 1, 4, 7, 10, 13, 14, 15]  # type: ignore[arg-type]
+    assert category("blk.3.attn_v.weight") == "attn_v" and category("output.weight") == "output"
+    assert category("blk.0.ffn_down.weight") == "ffn_down" and category("blk.0.attn_norm.weight") == "other"
+    for mix in MIXES.values():
+        for rule in mix.rules:
+            assert rule.when in WHEN and rule.type in llmq.codecs.REGISTRY, (mix.name, rule)
+    model = llmq.mixes.ModelShape(n_layers=32, n_gqa=8)
+    assert mix_type(MIXES["Q4_K_M"], "output.weight", None, (100, 4096), model) == "Q6_K"
+    assert mix_type(MIXES["Q4_K_M"], "output.weight", None, (100, 576), model) == "Q8_0"
+    assert mix_type(MIXES["Q2_K"], "blk.5.attn_v.weight", 5, (1024, 4096), model) == "Q4_K"  # GQA >= 4
+
+
+def test_tensor_type_overrides_first_match_wins(model: tuple[Path, Path], tmp_path: Path) -> None:
+    src, _ = model
+    cfg = llmq.QuantConfig(
+        quant="Q4_K_M",
+        method="rtn",
+        tensor_types=(("blk\\.0\\.ffn_down", "Q8_0"), ("ffn_down", "Q5_K"), ("attn_q", "Q4_0")),
+    )
+    plans = {p.name: p.codec for p in llmq.convert(src, tmp_path / "o.gguf", cfg, progress=False).plans}
+    assert plans["blk.0.ffn_down.weight"] == "Q8_0"
+    assert {plans[f"blk.{i}.ffn_down.weight"] for i in range(1, 16)} == {"Q5_K"}  # no mix rule applies
+    assert plans["blk.3.attn_q.weight"] == "Q4_0"
+    assert plans["blk.3.attn_k.weight"] == "Q4_K"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"quant": "Q4_K_M", "tensor_types": (("ffn_(", "Q8_0"),)}, "regular expression"),
+        ({"quant": "Q4_K_M", "tensor_types": (("ffn_down", "Q9_K"),)}, "unknown type"),
+        ({"quant": "Q4_K_M", "group_size": 128}, "fixes the block layout"),
+        ({"bits": 3}, "Q3_K_M"),
+    ],
+)
+def test_config_errors_name_the_option(kwargs: dict, match: str) -> None:
+    with pytest.raises(FormatError, match=match):
+        llmq.QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_imatrix_files_round_trip(tmp_path: Path, legacy: bool) -> None:
+    rng = np.random.default_rng(4)
+    entries = {f"blk.{i}.ffn_down.weight": rng.random(64).astype(np.float32) + 0.1 for i in range(3)}
+    path = write_imatrix(
+        tmp_path / ("m.dat" if legacy else "m.gguf"),
+        entries,
+        n_tokens=2048,
+        datasets=["calib.txt"],
+        chunk_count=4,
+        chunk_size=512,
+        legacy=legacy,
+    )
+    back = read_imatrix(path)
+    assert back.legacy == legacy and back.datasets == ("calib.txt",) and back.chunk_count == 4
+    assert sorted(back.entries) == sorted(entries)
+    for name, v in entries.items():
+        np.testing.assert_allclose(back.entries[name], v, rtol=1e-6)
+    if not legacy:  # llama.cpp's layout: F32 in_sum2 (K values) and counts, general.type = imatrix
+        r = gguf.GGUFReader(path)
+        assert r.fields["general.type"].contents() == "imatrix"
+        names = {t.name: t for t in r.tensors}
+        assert names["blk.0.ffn_down.weight.counts"].data.reshape(-1).tolist() == [2048.0]
+        assert names["blk.0.ffn_down.weight.in_sum2"].data.size == 64
+
+
+def test_imatrix_errors_are_clear(tmp_path: Path, model: tuple[Path, Path]) -> None:
+    src, _ = model
+    bad = tmp_path / "bad.dat"
+    bad.write_bytes(struct.pack("<ii", 1, 30) + b"blk.0")  # name cut short
+    with pytest.raises(SourceError, match="bad.dat"):
+        read_imatrix(bad)
+    with pytest.raises(SourceError, match="not found"):
+        read_imatrix(tmp_path / "missing.gguf")
+    wrong = write_imatrix(tmp_path / "w.gguf", {"blk.0.ffn_down.weight": np.ones(7, np.float32)}, n_tokens=1)
+    cfg = llmq.QuantConfig(quant="Q4_K_M", method="rtn")
+    with pytest.raises(LlmqError, match="blk.0.ffn_down.weight has 7 values"):
+        llmq.convert(src, tmp_path / "o.gguf", cfg, imatrix=wrong, progress=False)
+    with pytest.raises(LlmqError, match="--method rtn"):
+        llmq.convert(
+            src, tmp_path / "o.gguf", llmq.QuantConfig(quant="Q4_K_M"), imatrix=wrong, progress=False
+        )
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_cli_imatrix_then_convert(model: tuple[Path, Path], tmp_path: Path) -> None:
+    from llmq.cli import main
+
+    src, _ = model
+    out = tmp_path / "m.imatrix.gguf"
+    assert (
+        main(["imatrix", str(src), "-o", str(out), "--calib-samples", "2", "--calib-seqlen", "32", "-q"]) == 0
+    )
+    imat = read_imatrix(out)
+    assert len(imat.entries) == 16 * 7 and imat.chunk_count == 2
+    gguf_out = tmp_path / "m.gguf"
+    rc = main(["convert", str(src), "--quant", "Q4_K_S", "--imatrix", str(out), "-o", str(gguf_out), "-q"])
+    assert rc == 0
+    assert gguf.GGUFReader(gguf_out).fields["quantize.imatrix.file"].contents() == str(out)
