@@ -49,7 +49,7 @@ def write_imatrix(
         path: output file; written under a temporary name and renamed when complete.
         imatrix: GGUF tensor name -> mean x^2 per input column (`compute_imatrix`'s result).
         n_tokens: calibration tokens behind each mean (stored as the counts; llama.cpp divides by it).
-        datasets: calibration sources, recorded as ``imatrix.datasets``.
+        datasets: calibration sources, recorded as ``imatrix.datasets`` (``unspecified`` if none).
         chunk_count: calibration windows (``imatrix.chunk_count``).
         chunk_size: tokens per window (``imatrix.chunk_size``).
         legacy: write the ``.dat`` format (``ncall`` = ``chunk_count``).
@@ -87,7 +87,8 @@ def write_imatrix(
             # llama-imatrix's files carry no architecture; GGUFWriter always adds one
             w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
             w.add_type("imatrix")
-            w.add_array("imatrix.datasets", [str(d) for d in datasets])
+            # llama-quantize needs the key; gguf-py cannot write an empty array
+            w.add_array("imatrix.datasets", [str(d) for d in datasets] or ["unspecified"])
             w.add_uint32("imatrix.chunk_count", int(chunk_count))
             w.add_uint32("imatrix.chunk_size", int(chunk_size))
             count = np.array([[float(n_tokens)]], np.float32)  # ne {1, n_mat}

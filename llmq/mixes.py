@@ -176,7 +176,8 @@ def parse_tensor_types(specs: list[str] | tuple[str, ...]) -> tuple[tuple[str, s
 
     out = []
     for spec in specs:
-        pattern, sep, type_name = spec.rpartition("=")
+        pattern, sep, type_name = spec.partition("=")  # llama-quantize splits at the first '='
+        pattern = pattern.lower()  # and lowercases the pattern (GGUF names are lowercase)
         if not sep or not pattern or not type_name:
             raise FormatError(f"--tensor-type {spec!r}: expected PATTERN=TYPE, e.g. ffn_down=Q6_K")
         try:

@@ -58,6 +58,16 @@ def wikitext_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_quantize_bin(test_cache_dir: Path) -> Path:
+    """llama.cpp's `llama-quantize`, built with `llama-perplexity` (about 10 min) and cached; never skipped."""
+    try:
+        perplexity = _load_tool("build_llama_perplexity").build_llama_perplexity(test_cache_dir)
+    except Exception as exc:  # a build failure is a test failure, with the log's tail
+        pytest.fail(f"building llama.cpp's tools failed: {exc}", pytrace=False)
+    return perplexity.parent / "llama-quantize"
+
+
+@pytest.fixture(scope="session")
 def calibration_path() -> Path:
     """The calibration text (``groups_merged.txt``) in ``../shared/data`` — never the evaluation text."""
     path = ROOT.parent / "shared" / "data" / "calibration" / "groups_merged.txt"

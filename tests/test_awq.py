@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from tiny_models import logit_kl, make_tiny_llama
 
 import llmq
 from llmq.activations import CalibrationFlow
@@ -163,19 +163,6 @@ def test_awq_report_metadata_and_card(tiny: Path, tmp_path: Path) -> None:
     assert "awq" in card and "self (8 x 64 tokens)" in card
 
 
-def _logit_error(model_dir: Path, gguf_path: Path, tokens: torch.Tensor) -> float:
-    from transformers import AutoModelForCausalLM
-
-    from llmq.eval.numpy_backend import build_model
-
-    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    q, _ = build_model(gguf_path, round_activations=False)
-    with torch.no_grad():
-        a = torch.log_softmax(fp(tokens).logits, -1)
-        b = torch.log_softmax(q(tokens).logits, -1)
-    return float((a.exp() * (a - b)).sum(-1).mean())  # KL(fp || quantized)
-
-
 @pytest.mark.parametrize(
     "cfg", [llmq.QuantConfig(quant="Q4_0"), llmq.QuantConfig(bits=4, group_size=64, sym=True)]
 )
@@ -189,7 +176,7 @@ def test_awq_beats_rtn_on_a_model_with_outlier_channels(tmp_path: Path, cfg: llm
     )
     awq = llmq.convert(model, tmp_path / "awq.gguf", cfg, calib=calib, progress=False)
     tokens = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(9))
-    kl_rtn, kl_awq = _logit_error(model, rtn.path, tokens), _logit_error(model, awq.path, tokens)
+    kl_rtn, kl_awq = logit_kl(model, rtn.path, tokens), logit_kl(model, awq.path, tokens)
     assert kl_awq < 0.8 * kl_rtn, (kl_awq, kl_rtn)
 
 

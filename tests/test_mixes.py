@@ -8,19 +8,20 @@ the importance-matrix files llmq writes must read back exactly (both formats).
 from __future__ import annotations
 
 import struct
+import subprocess
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from tiny_models import logit_kl, make_tiny_llama
 
 import llmq
 from llmq.errors import FormatError, LlmqError, SourceError
 from llmq.eval.llamacpp import quantize_with_llama_cpp
 from llmq.imatrix_io import read_imatrix, write_imatrix
-from llmq.mixes import MIXES, WHEN, category, mix_type
+from llmq.mixes import MIXES, WHEN, category, mix_type, parse_tensor_types
 
 MIX_NAMES = sorted(MIXES)
 
@@ -61,18 +62,20 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return src, f16.path
 
 
-@pytest.fixture(scope="module")
-def imatrix_path(model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src, f16 = model
+def _entries(f16: Path) -> dict[str, np.ndarray]:
+    """An importance of real spread for every layer linear of the model (as llama-imatrix collects)."""
     rng = np.random.default_rng(3)
-    entries = {
+    return {
         t.name: np.exp(rng.standard_normal(int(t.shape[0]))).astype(np.float32)
         for t in gguf.GGUFReader(f16).tensors
         if t.name.startswith("blk.") and len(t.shape) == 2
     }
-    return write_imatrix(
-        tmp_path_factory.mktemp("imat") / "m.imatrix.gguf", entries, n_tokens=1000, chunk_count=4
-    )
+
+
+@pytest.fixture(scope="module")
+def imatrix_path(model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("imat") / "m.imatrix.gguf"
+    return write_imatrix(path, _entries(model[1]), n_tokens=1000, chunk_count=4)
 
 
 @pytest.mark.parametrize("mix", MIX_NAMES)
@@ -211,3 +214,73 @@ def test_cli_imatrix_then_convert(model: tuple[Path, Path], tmp_path: Path) -> N
     rc = main(["convert", str(src), "--quant", "Q4_K_S", "--imatrix", str(out), "-o", str(gguf_out), "-q"])
     assert rc == 0
     assert gguf.GGUFReader(gguf_out).fields["quantize.imatrix.file"].contents() == str(out)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+def test_llama_quantize_reads_llmq_imatrix_files(
+    fmt: str, model: tuple[Path, Path], llama_quantize_bin: Path, tmp_path: Path
+) -> None:
+    """The real llama-quantize, given llmq's imatrix file and --tensor-type overrides, writes llmq's bytes."""
+    src, f16 = model
+    imat = read_imatrix(
+        write_imatrix(tmp_path / f"m.{fmt}", _entries(f16), n_tokens=512, chunk_count=2, legacy=fmt == "dat")
+    )
+    overrides = ["blk\\.1[0-5]\\.ffn_down=q8_0", "attn_q=q5_0"]
+    ref = tmp_path / "ref.gguf"
+    cmd = [str(llama_quantize_bin), "--imatrix", str(imat.path)]
+    for o in overrides:
+        cmd += ["--tensor-type", o]
+    proc = subprocess.run(
+        [*cmd, str(f16), str(ref), "Q4_K_M", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"loaded {len(imat.entries)} importance matrix entries" in proc.stdout + proc.stderr
+    cfg = llmq.QuantConfig(quant="Q4_K_M", method="rtn", tensor_types=parse_tensor_types(overrides))
+    ours = llmq.convert(src, tmp_path / "ours.gguf", cfg, imatrix=imat, progress=False, write_card=False)
+    assert {p.codec for p in ours.plans if p.name.startswith("blk.12.ffn_down")} == {"Q8_0"}
+    _assert_same_file(ours.path, ref)
+
+
+def test_awq_searches_through_the_k_codecs(tmp_path: Path) -> None:
+    """AWQ with a K mix: scales and clipping searched through the importance-weighted K encoders."""
+    model = make_tiny_llama(
+        tmp_path / "m", n_layers=2, hidden=256, intermediate=512, dtype=torch.float32, outliers=10.0
+    )
+    cfg = llmq.QuantConfig(quant="Q3_K_M")
+    rtn = llmq.convert(
+        model, tmp_path / "rtn.gguf", llmq.QuantConfig(quant="Q3_K_M", method="rtn"), progress=False
+    )
+    calib = llmq.CalibConfig("self", n_samples=16, seqlen=64, batch_size=8)
+    awq = llmq.convert(model, tmp_path / "awq.gguf", cfg, calib=calib, progress=False)
+    assert [(p.name, p.codec) for p in awq.plans] == [(p.name, p.codec) for p in rtn.plans]
+    assert {p.codec for p in awq.plans} >= {"Q3_K", "Q4_K", "Q5_K"}
+    scales = [g for r in awq.reports for g in r.details["scales"] if "loss_before" in g]
+    assert scales and all(g["loss_after"] <= g["loss_before"] for g in scales)
+    tokens = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(9))
+    kl_rtn, kl_awq = logit_kl(model, rtn.path, tokens), logit_kl(model, awq.path, tokens)
+    assert kl_awq < 0.8 * kl_rtn, (kl_awq, kl_rtn)
+
+
+@pytest.mark.integration
+def test_smollm2_q4_k_m_is_llama_cpps(reference_model_dir: Path, tmp_path: Path) -> None:
+    """Issue acceptance: llmq's Q4_K_M of SmolLM2 (RTN) has llama-quantize's tensor types and bytes."""
+    f16 = llmq.convert(
+        reference_model_dir,
+        tmp_path / "f16.gguf",
+        llmq.QuantConfig(quant="F16"),
+        progress=False,
+        write_card=False,
+    )
+    ours = llmq.convert(
+        reference_model_dir,
+        tmp_path / "q.gguf",
+        llmq.QuantConfig(quant="Q4_K_M", method="rtn"),
+        progress=False,
+        write_card=False,
+    )
+    ref = quantize_with_llama_cpp(f16.path, tmp_path / "ref.gguf", "Q4_K_M")
+    _assert_same_file(ours.path, ref)
+    types = {p.name: p.codec for p in ours.plans}
+    # rows of 576 fall back as llama-quantize does; ffn_down (rows of 1536) is K-quantized
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q6_K"
+    assert types["blk.4.ffn_down.weight"] == "Q4_K" and types["token_embd.weight"] == "Q8_0"

@@ -98,3 +98,17 @@ def make_tiny_llama(
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
     return out
+
+
+def logit_kl(model_dir: Path, gguf_path: Path, tokens: torch.Tensor) -> float:
+    """KL(FP checkpoint || GGUF run by llmq's numpy backend) of next-token distributions on ``tokens``."""
+    from transformers import AutoModelForCausalLM
+
+    from llmq.eval.numpy_backend import build_model
+
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    q, _ = build_model(gguf_path, round_activations=False)
+    with torch.no_grad():
+        a = torch.log_softmax(fp(tokens).logits, -1)
+        b = torch.log_softmax(q(tokens).logits, -1)
+    return float((a.exp() * (a - b)).sum(-1).mean())  # KL(fp || quantized)
