@@ -14,8 +14,9 @@ Rows (``--rows``, comma-separated ``METHOD:QUANT``):
   ``llama_model_quantize`` of the F16 file with an importance matrix (mean x^2 per input column)
   that llmq computes from the same calibration windows.
   ``METHOD@N`` calibrates on N windows instead of ``--samples`` (``awq@32:Q4_0``).
-  QUANT: ``Q4_0``, ``Q4_1``, ``g128`` (``--bits 4 --group 128``), ``g128s`` (the same, ``--sym``).
-3-bit rows are not offered: no legacy GGUF type stores 3-bit values exactly (the K-quants will).
+  QUANT: ``Q4_0``, ``Q4_1``, ``g128`` (``--bits 4 --group 128``), ``g128s`` (the same, ``--sym``),
+  and llama.cpp's K mixes (``Q4_K_M``, ``Q3_K_M`` ...: the same per-tensor types as llama-quantize).
+3-bit group-wise rows are not offered: no GGUF type stores 3-bit groups exactly; Q3_K_M is the 3-bit row.
 
 Results are cached per file in ``--work`` (delete a row's JSON to redo it), so a long table can be
 built in several runs. Usage::
@@ -45,7 +46,25 @@ QUANTS = {
     "Q4_1": ["--quant", "Q4_1"],
     "g128": ["--bits", "4", "--group", "128"],
     "g128s": ["--bits", "4", "--group", "128", "--sym"],
+    **{
+        m: ["--quant", m]
+        for m in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+    },
 }
+# file types llama.cpp's own quantizer can build for an imatrix row
+LLAMA_FTYPES = (
+    "Q4_0",
+    "Q4_1",
+    "Q2_K",
+    "Q3_K_S",
+    "Q3_K_M",
+    "Q3_K_L",
+    "Q4_K_S",
+    "Q4_K_M",
+    "Q5_K_S",
+    "Q5_K_M",
+    "Q6_K",
+)
 METHODS = {
     "rtn": ["--method", "rtn"],
     "awq": ["--method", "awq"],
@@ -123,8 +142,8 @@ def row(
     out = work / f"{ref}-{method}{'@' + n if n else ''}-{quant}.gguf"
     calib = ["--calib-samples", str(samples), "--calib-seqlen", str(args.seqlen)]
     if method == "imatrix":
-        if quant not in ("Q4_0", "Q4_1"):
-            raise SystemExit(f"{spec}: imatrix rows are llama.cpp file types (Q4_0, Q4_1)")
+        if quant not in LLAMA_FTYPES:
+            raise SystemExit(f"{spec}: imatrix rows are llama.cpp file types ({', '.join(LLAMA_FTYPES)})")
         child = [sys.executable, "-c", IMATRIX_CHILD, str(model), str(f16), str(out), quant]
         rss, secs, _ = run_child(child + [str(args.calib), str(samples), str(args.seqlen)])
     else:
