@@ -34,6 +34,10 @@ def _source_license(model_dir: Path) -> str:
     return license_ or "other"
 
 
+def _embed_types(result: ConvertResult) -> str:
+    return ", ".join(f"{p.name}: {p.codec}" for p in result.plans if p.role in ("embed", "output"))
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -68,9 +72,15 @@ def render_card(
         label=cfg.label,
         model_name=Path(src).name,
         command=command or f"llmq.convert({src!r}, config={cfg!r})",
-        codec=cfg.codec_name,
-        group_text=group_text + ("" if cfg.codec.symmetric else ", asymmetric (zero-point)"),
-        embed_type=cfg.embedding_codec_name,
+        codec=cfg.codec_name
+        if cfg.mix is None
+        else f"llama.cpp's {cfg.mix.name} mix (default {cfg.codec_name})",
+        group_text=(group_text + ("" if cfg.codec.symmetric else ", asymmetric (zero-point)"))
+        if cfg.mix is None
+        else "per-tensor types as llama-quantize's rules (table below)",
+        embed_type=_embed_types(result)
+        if cfg.mix is not None or cfg.tensor_types
+        else cfg.embedding_codec_name,
         version=__version__,
         file_name=result.path.name,
         file_size=_human(result.nbytes),

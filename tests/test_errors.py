@@ -78,7 +78,10 @@ def test_unsupported_architecture(sharded: Path, tmp_path: Path, capsys: pytest.
         (["--bits", "3"], "--bits 3"),
         (["--bits", "6", "--sym"], "--bits 6"),
         (["--bits", "4", "--group", "48"], "--group 48"),
-        (["--quant", "Q4_K_M"], "Q4_K_M"),
+        (["--quant", "Q4_K_X"], "Q4_K_X"),
+        (["--tensor-type", "ffn_down"], "PATTERN=TYPE"),
+        (["--tensor-type", "ffn_down=Q9_K"], "Q9_K"),
+        (["--imatrix", "missing.imatrix.gguf"], "missing.imatrix.gguf"),
         (["--quant", "Q4_0", "--bits", "4"], "--quant"),
     ],
 )

@@ -210,7 +210,17 @@ def build_llama_perplexity(
             )
             log(f"[{BINARY}] compiling with {jobs} job(s) (several minutes; log: {build_log})")
             _run_logged(
-                ["cmake", "--build", str(build), "--target", *BINARIES, "--config", "Release", "-j", str(jobs)],
+                [
+                    "cmake",
+                    "--build",
+                    str(build),
+                    "--target",
+                    *BINARIES,
+                    "--config",
+                    "Release",
+                    "-j",
+                    str(jobs),
+                ],
                 build_log,
                 "cmake build",
             )
