@@ -95,11 +95,13 @@ def _compare(
 def test_cached_binary_is_self_contained(llama_perplexity_bin: Path) -> None:
     entry = llama_perplexity_bin.parent.parent
     assert entry.name == f"llama.cpp-{importlib.metadata.version('llama-cpp-python')}"
-    # built with BUILD_SHARED_LIBS=OFF: nothing but the binary itself is needed from the cache
-    assert sorted(p.name for p in llama_perplexity_bin.parent.iterdir()) == ["llama-perplexity"]
+    # built with BUILD_SHARED_LIBS=OFF: nothing but the binaries themselves is needed from the cache
+    assert sorted(p.name for p in llama_perplexity_bin.parent.iterdir()) == sorted(TOOL.BINARIES)
     if shutil.which("ldd"):
-        deps = subprocess.run(["ldd", str(llama_perplexity_bin)], capture_output=True, text=True).stdout
-        assert "not found" not in deps and "libllama" not in deps and "libggml" not in deps, deps
+        for name in TOOL.BINARIES:
+            binary = llama_perplexity_bin.parent / name
+            deps = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+            assert "not found" not in deps and "libllama" not in deps and "libggml" not in deps, (name, deps)
     # a second call finds the cached binary without building again
     assert TOOL.build_llama_perplexity(entry.parent, log=pytest.fail) == llama_perplexity_bin
 
