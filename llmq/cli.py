@@ -78,6 +78,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _imatrix(args: argparse.Namespace) -> int:
     from .calib import CalibConfig
     from .imatrix import imatrix_file
+    from .writers import check_output
 
     calib = CalibConfig(
         args.calib or "self",
@@ -87,8 +88,7 @@ def _imatrix(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise LlmqError(f"{out} exists; pass -f/--force to overwrite it")
+    check_output(out, overwrite=args.force)  # before the calibration forwards, as convert does
     path = imatrix_file(
         args.src, out, calib, device=args.device, progress=not args.quiet, legacy=args.format == "dat"
     )

@@ -129,6 +129,27 @@ def _asymmetric_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int, qw: n
     return header, codes.reshape(n, QK_K)
 
 
+class _AsymmetricK4(_KQuant):
+    """Q4_K/Q5_K: `_asymmetric_k4` with the type's search grid, then the type's own code packing."""
+
+    symmetric = False
+    nmax: int
+    rmin: float
+    nstep: int
+
+    @classmethod
+    def encode_blocks(cls, blocks):
+        return cls._pack(*_asymmetric_k4(blocks, cls.nmax, cls.rmin, cls.nstep))
+
+    @classmethod
+    def encode_blocks_weighted(cls, blocks, weights):
+        return cls._pack(*_asymmetric_k4(blocks, cls.nmax, cls.rmin, cls.nstep, weights))
+
+    @classmethod
+    def _pack(cls, header: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
 def _asymmetric_k4_decode(data: np.ndarray, q: np.ndarray) -> np.ndarray:
     # y = (d * sc) * q - dmin * m, per sub-block of 32
     sc, m = unpack_scale_min_k4(data[:, 4:16])
@@ -253,17 +274,9 @@ class Q3_K(_KQuant, qtype=T.Q3_K):
 
 # [d: f16][dmin: f16][scales: 12 B, 8 six-bit scales + 8 six-bit mins (get_scale_min_k4)]
 # [qs: 128 B, byte 32 c + l = values 64 c + l (lo nibble), 64 c + 32 + l (hi)]; x = d * sc * q - dmin * m
-class Q4_K(_KQuant, qtype=T.Q4_K):
+class Q4_K(_AsymmetricK4, qtype=T.Q4_K):
     bits = 4
-    symmetric = False
-
-    @classmethod
-    def encode_blocks(cls, blocks):
-        return cls._pack(*_asymmetric_k4(blocks, 15, -1.0, 20))
-
-    @classmethod
-    def encode_blocks_weighted(cls, blocks, weights):
-        return cls._pack(*_asymmetric_k4(blocks, 15, -1.0, 20, weights))
+    nmax, rmin, nstep = 15, -1.0, 20
 
     @classmethod
     def _pack(cls, header, codes):
@@ -276,17 +289,9 @@ class Q4_K(_KQuant, qtype=T.Q4_K):
 
 # [d: f16][dmin: f16][scales: 12 B as Q4_K][qh: 32 B, bit 2 c (+1) of byte l = bit 4 of value 64 c + l
 # (+ 32)][qs: 128 B low nibbles as Q4_K]; x = d * sc * q - dmin * m, q in 0..31
-class Q5_K(_KQuant, qtype=T.Q5_K):
+class Q5_K(_AsymmetricK4, qtype=T.Q5_K):
     bits = 5
-    symmetric = False
-
-    @classmethod
-    def encode_blocks(cls, blocks):
-        return cls._pack(*_asymmetric_k4(blocks, 31, -0.5, 15))
-
-    @classmethod
-    def encode_blocks_weighted(cls, blocks, weights):
-        return cls._pack(*_asymmetric_k4(blocks, 31, -0.5, 15, weights))
+    nmax, rmin, nstep = 31, -0.5, 15
 
     @classmethod
     def _pack(cls, header, codes):
