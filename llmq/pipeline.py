@@ -357,7 +357,7 @@ def convert(
             w.write(p, data)
         seconds = time.perf_counter() - t0
         if search.needs_activations:
-            w.patch(search_summary(reports, seconds))
+            w.patch(search_summary(awq, reports, seconds))
         w.commit()
 
     result = ConvertResult(

@@ -1,8 +1,10 @@
 """What a search reports: ``llmq.*`` GGUF metadata, the per-layer JSON report, and their summary.
 
-The search's figures are known only once every layer is done, after the GGUF header is written;
-they are stored as fixed-size numeric keys (placeholders at first) and patched in place before
-the file is renamed into place, so the file is still written in one streaming pass.
+The GGUF keeps a compact summary, three strings (``llmq.method``, ``llmq.calib``, ``llmq.awq``), so
+that its header is no larger than the ``quantize.imatrix.*`` keys llama-quantize adds to an
+importance-matrix quant; every figure is in ``OUT.search.json``. The search's figures are known only
+once every layer is done, after the header is written: ``llmq.awq`` is written with a fixed-width
+blank tail and patched in place before the file is renamed, so the file is still one streaming pass.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import gguf
-
 from .awq import AWQConfig, summarize
 from .config import QuantConfig
 from .search import LayerReport
@@ -24,50 +24,69 @@ if TYPE_CHECKING:
     from .pipeline import ConvertResult
     from .writers import GGUFStreamWriter
 
-# summary key -> GGUF value type of the placeholder patched at the end
-SUMMARY_KEYS: dict[str, gguf.GGUFValueType] = {
-    "llmq.awq.scale_loss_ratio": gguf.GGUFValueType.FLOAT32,
-    "llmq.awq.alpha_mean": gguf.GGUFValueType.FLOAT32,
-    "llmq.awq.clip_ratio_mean": gguf.GGUFValueType.FLOAT32,
-    "llmq.awq.scale_fallbacks": gguf.GGUFValueType.UINT32,
-    "llmq.search.seconds": gguf.GGUFValueType.FLOAT32,
+AWQ_KEY = "llmq.awq"
+# summary field -> format; every field is fixed width, so the patched string keeps its length
+SUMMARY_FORMATS: dict[str, str] = {
+    "loss_ratio": "{:.4f}",
+    "alpha_mean": "{:.3f}",
+    "clip_mean": "{:.3f}",
+    "fallbacks": "{:d}",
+    "seconds": "{:.1f}",
 }
+SUMMARY_WIDTH = 96
+
+
+def awq_settings_text(awq: AWQConfig) -> str:
+    """The search settings as ``key=value`` words (the head of ``llmq.awq``)."""
+    scale = ("duo" if awq.duo_scaling else "act") if awq.scale else "off"
+    onoff = lambda b: "on" if b else "off"  # noqa: E731
+    return f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
+
+
+def summary_text(reports: list[LayerReport], seconds: float) -> str:
+    """The finished search's figures as ``key=value`` words, padded to `SUMMARY_WIDTH`."""
+    s = summarize(reports)
+    values = {
+        "loss_ratio": s["scale_loss_ratio"],
+        "alpha_mean": s["alpha_mean"],
+        "clip_mean": s["clip_ratio_mean"],
+        "fallbacks": int(s["scale_fallbacks"]),
+        "seconds": seconds,
+    }
+    text = " ".join(f"{k}={SUMMARY_FORMATS[k].format(v)}" for k, v in values.items())
+    assert len(text) <= SUMMARY_WIDTH, text
+    return text.ljust(SUMMARY_WIDTH)
+
+
+def parse_awq_text(text: str) -> dict[str, str | float]:
+    """``llmq.awq``'s words back into a dict (numbers as floats), e.g. for `llmq inspect` or tests."""
+    out: dict[str, str | float] = {}
+    for word in text.split():
+        key, _, value = word.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def add_search_metadata(
     w: GGUFStreamWriter, cfg: QuantConfig, awq: AWQConfig | None, calibration: Calibration | None
 ) -> None:
-    """``llmq.method`` always; for AWQ its settings, the calibration, and placeholders for its summary."""
+    """``llmq.method`` always; for AWQ the calibration, the settings and a blank summary to patch."""
     g = w.gguf
     g.add_string("llmq.method", cfg.method)
     if awq is None:
         return
     if calibration is not None:
-        n, seqlen = calibration.tokens.shape
-        g.add_string("llmq.calib.source", calibration.config.source)
-        g.add_uint32("llmq.calib.samples", int(n))
-        g.add_uint32("llmq.calib.seqlen", int(seqlen))
-        g.add_uint32("llmq.calib.seed", int(calibration.config.seed))
-    g.add_bool("llmq.awq.scale", awq.scale)
-    g.add_bool("llmq.awq.duo_scaling", awq.duo_scaling)
-    g.add_bool("llmq.awq.clip", awq.clip)
-    g.add_bool("llmq.awq.weighted", awq.weighted)
-    g.add_string("llmq.awq.inputs", awq.inputs)
-    for key, vtype in SUMMARY_KEYS.items():
-        g.add_key_value(key, 0, vtype)
-        w.reserve(key)
+        g.add_string("llmq.calib", f"{calibration.description}, seed {calibration.config.seed}")
+    g.add_string(AWQ_KEY, f"{awq_settings_text(awq)} {' ' * SUMMARY_WIDTH}")
+    w.reserve(AWQ_KEY)
 
 
-def search_summary(reports: list[LayerReport], seconds: float) -> dict[str, float]:
-    """The values of `SUMMARY_KEYS` for a finished search."""
-    s = summarize(reports)
-    return {
-        "llmq.awq.scale_loss_ratio": s["scale_loss_ratio"],
-        "llmq.awq.alpha_mean": s["alpha_mean"],
-        "llmq.awq.clip_ratio_mean": s["clip_ratio_mean"],
-        "llmq.awq.scale_fallbacks": int(s["scale_fallbacks"]),
-        "llmq.search.seconds": seconds,
-    }
+def search_summary(awq: AWQConfig, reports: list[LayerReport], seconds: float) -> dict[str, str]:
+    """The patched value of ``llmq.awq`` for a finished search (same length as the placeholder)."""
+    return {AWQ_KEY: f"{awq_settings_text(awq)} {summary_text(reports, seconds)}"}
 
 
 def report_dict(result: ConvertResult, cfg: QuantConfig, awq: AWQConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import llmq
 from llmq.activations import CalibrationFlow
 from llmq.awq import AWQConfig, AWQSearch, Target, clip_search, fold_scales, group_bounds, output_error
 from llmq.calib import CalibConfig
+from llmq.report import parse_awq_text
 
 SMALL_CALIB = CalibConfig("self", n_samples=8, seqlen=64, batch_size=4)
 
@@ -153,12 +154,14 @@ def test_awq_report_metadata_and_card(tiny: Path, tmp_path: Path) -> None:
     summary = report["summary"]
     fields = gguf.GGUFReader(out).fields
     assert fields["llmq.method"].contents() == "awq"
-    assert fields["llmq.calib.samples"].contents() == 8
-    assert fields["llmq.awq.alpha_mean"].contents() == pytest.approx(summary["alpha_mean"], rel=1e-6)
-    assert fields["llmq.awq.clip_ratio_mean"].contents() == pytest.approx(
-        summary["clip_ratio_mean"], rel=1e-6
-    )
-    assert 0 < fields["llmq.search.seconds"].contents() <= res.seconds
+    assert fields["llmq.calib"].contents() == "self (8 x 64 tokens), seed 0"
+    awq = parse_awq_text(fields["llmq.awq"].contents())
+    assert awq["scale"] == "duo" and awq["clip"] == "on" and awq["inputs"] == "quant"
+    assert awq["alpha_mean"] == pytest.approx(summary["alpha_mean"], abs=1e-3)
+    assert awq["clip_mean"] == pytest.approx(summary["clip_ratio_mean"], abs=1e-3)
+    assert awq["loss_ratio"] == pytest.approx(summary["scale_loss_ratio"], abs=1e-4)
+    assert awq["fallbacks"] == summary["scale_fallbacks"]
+    assert 0 < awq["seconds"] <= res.seconds + 0.1
     card = res.card_path.read_text()
     assert "awq" in card and "self (8 x 64 tokens)" in card
 
@@ -263,7 +266,8 @@ def test_cli_awq_offline_with_self_calibration(
     assert "calibration: self (4 x 32 tokens)" in captured.err  # the source used is always said
     assert "AWQ calibrated on self" in captured.out
     fields = gguf.GGUFReader(out).fields
-    assert fields["llmq.awq.clip"].contents() is False and fields["llmq.awq.inputs"].contents() == "fp"
+    settings = parse_awq_text(fields["llmq.awq"].contents())
+    assert settings["clip"] == "off" and settings["inputs"] == "fp"
     assert out.with_suffix(".search.json").is_file()
     code = main(["convert", "--method", "rtn", str(tiny), "-o", str(tmp_path / "r.gguf"), "--calib", "x.txt"])
     assert code == 2 and "--calib applies to --method awq" in capsys.readouterr().err

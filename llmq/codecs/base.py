@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
 from .quants_math import importance_weights
+from .xp import Array, array_namespace, is_torch_array, to_numpy
 
 REGISTRY: dict[str, type[Codec]] = {}
 
@@ -51,6 +52,9 @@ class Codec:
     # Whether `encode(x, importance)` searches with the importance (else it is validated, then ignored,
     # as llama.cpp ignores `quant_weights` for Q8_0 and float types).
     supports_importance: ClassVar[bool] = False
+    # Whether `encode_blocks`/`decode_blocks` run on torch tensors (CPU or CUDA) as well as NumPy arrays
+    # (the K-quants); other codecs get a torch tensor's values through NumPy on the CPU.
+    array_api: ClassVar[bool] = False
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -148,40 +152,72 @@ class Codec:
         return importance_weights(x.reshape(-1, k), imp).reshape(x.shape)
 
     @classmethod
-    def encode(cls, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def encode(cls, x: Array, importance: Array | None = None) -> Array:
         """Encode a float tensor ``(..., K)`` into its GGUF bytes ``(..., K / block_size * type_size)``.
 
         Args:
-            x: float tensor whose rows split into whole blocks.
+            x: float tensor whose rows split into whole blocks: a NumPy array, or a torch tensor
+                (CPU or CUDA), which gives a uint8 tensor on the same device. Codecs with
+                ``array_api`` (the K-quants) encode on that device; the bytes are the same.
             importance: optional per-column importance ``(K,)`` (llama.cpp's imatrix: the mean square
                 of each input column's activations). None gives llama.cpp's reference round-to-nearest
                 bytes; otherwise codecs with ``supports_importance`` run llama.cpp's weighted search.
 
         Raises:
             FormatError: if rows do not split into blocks or ``importance`` is malformed.
+
+        Example:
+            >>> codec = get_codec("Q4_K")
+            >>> packed = codec.encode(torch.randn(8, 256, device="cuda"))  # (8, 144) uint8, on the GPU
         """
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        cls._check_shape(x.shape)
-        if importance is None:
-            out = cls.encode_blocks(x.reshape(-1, cls.block_size))
-        elif not cls.supports_importance:
-            cls._check_importance(importance, x.shape)
-            out = cls.encode_blocks(x.reshape(-1, cls.block_size))
+        if is_torch_array(x):
+            if not cls.array_api:
+                return _like(cls.encode(to_numpy(x), _numpy_or_none(importance)), x)
+            x = x.detach().float().contiguous()
         else:
-            w = cls.row_weights(x, importance)
-            out = cls.encode_blocks_weighted(x.reshape(-1, cls.block_size), w.reshape(-1, cls.block_size))
-        assert out.dtype == np.uint8 and out.shape[1] == cls.type_size, (cls.name, out.dtype, out.shape)
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        xp = array_namespace(x)
+        cls._check_shape(x.shape)
+        blocks = x.reshape(-1, cls.block_size)
+        if importance is None:
+            out = cls.encode_blocks(blocks)
+        elif not cls.supports_importance:
+            cls._check_importance(to_numpy(importance), x.shape)
+            out = cls.encode_blocks(blocks)
+        else:
+            w = cls.row_weights(x, to_numpy(importance))
+            out = cls.encode_blocks_weighted(blocks, w.reshape(-1, cls.block_size))
+        assert out.dtype == xp.uint8 and out.shape[1] == cls.type_size, (cls.name, out.dtype, out.shape)
         return out.reshape(cls.byte_shape(x.shape))
 
     @classmethod
-    def decode(cls, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """Decode GGUF bytes back to a float32 tensor of ``shape``."""
-        data = np.ascontiguousarray(data).view(np.uint8)
-        if data.size != cls.nbytes(shape):
-            raise FormatError(f"{cls.name}: {data.size} bytes do not hold a tensor of shape {tuple(shape)}")
+    def decode(cls, data: Array, shape: tuple[int, ...]) -> Array:
+        """Decode GGUF bytes back to a float32 tensor of ``shape`` (a torch tensor stays on its device)."""
+        if is_torch_array(data):
+            if not cls.array_api:
+                return _like(cls.decode(to_numpy(data), shape), data)
+            data = data.contiguous().view(-1)
+            size = data.numel()
+        else:
+            data = np.ascontiguousarray(data).view(np.uint8)
+            size = data.size
+        if size != cls.nbytes(shape):
+            raise FormatError(f"{cls.name}: {size} bytes do not hold a tensor of shape {tuple(shape)}")
+        xp = array_namespace(data)
         out = cls.decode_blocks(data.reshape(-1, cls.type_size))
-        assert out.dtype == np.float32 and out.shape[1] == cls.block_size, (cls.name, out.dtype, out.shape)
-        return out.reshape(shape)
+        assert out.dtype == xp.float32 and out.shape[1] == cls.block_size, (cls.name, out.dtype, out.shape)
+        return out.reshape(tuple(shape))
+
+
+def _numpy_or_none(a: Array | None) -> np.ndarray | None:
+    return None if a is None else to_numpy(a)
+
+
+def _like(a: np.ndarray, t: Array) -> Array:
+    """NumPy result ``a`` as a tensor on ``t``'s device."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a)).to(t.device)
 
 
 class GroupCodec(Codec):

@@ -11,7 +11,6 @@ operation (bit-identical to `gguf.quants.dequantize`).
 
 from __future__ import annotations
 
-import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .base import Codec
@@ -29,89 +28,117 @@ from .kquants_math import (
     unpack_scale_min_k4,
 )
 from .quants_math import GROUP_MAX_EPS, make_qkx3_quants, make_qx_quants, seq_sum
+from .xp import (
+    Array,
+    array_namespace,
+    bitcast,
+    const,
+    contiguous,
+    device,
+    errstate,
+    pack_bits,
+    sqrt,
+    take_rows,
+)
 
-_F32 = np.float32
 QK_K = 256
 
 
-def _f16_bytes(v: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return np.ascontiguousarray(v, _F32).astype(np.float16).view(np.uint8).reshape(-1, 2)
+def _f16_bytes(v: Array) -> Array:
+    xp = array_namespace(v)
+    with errstate(v):
+        return xp.reshape(bitcast(contiguous(xp.astype(v, xp.float16)), "uint8"), (-1, 2))
 
 
-def _f16_value(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16).astype(_F32)  # (n, 1)
+def _f16_value(b: Array) -> Array:
+    xp = array_namespace(b)
+    return xp.astype(bitcast(contiguous(b), "float16"), xp.float32)  # (n, 1)
 
 
-def _positive_max(v: np.ndarray) -> np.ndarray:
+def _positive_max(v: Array) -> Array:
     # `float mx = 0; if (v > mx) mx = v;` over the sub-blocks: +0.0 unless some value is positive
-    m = v.max(axis=1)
-    return np.where(m > 0, m, _F32(0)).astype(_F32)
+    xp = array_namespace(v)
+    m = xp.max(v, axis=1)
+    return xp.where(m > 0, m, const(xp, 0, v))
+
+
+def _inverse_scale(xp, top: int, v: Array) -> Array:
+    # `iscale = v > 0 ? top/v : 0`
+    with errstate(v):
+        return xp.where(v > 0, const(xp, top, v) / v, const(xp, 0, v))
 
 
 class _KQuant(Codec):
-    """K-quant base: with an importance matrix, ggml weighs inside each super-block, not per row."""
+    """K-quant base: with an importance matrix, ggml weighs inside each super-block, not per row.
+
+    Encoders and decoders take NumPy arrays or torch tensors (CPU or CUDA) and give the same bytes.
+    """
 
     supports_importance = True
+    array_api = True
 
     @classmethod
-    def row_weights(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    def row_weights(cls, x: Array, importance: Array) -> Array:
         # The `_impl` encoders build their weights from each super-block's own mean square, so the
         # per-element weights handed to `encode_blocks_weighted` are the importance itself.
-        x = np.asarray(x, dtype=_F32)
+        xp = array_namespace(x)
         imp = cls._check_importance(importance, x.shape)
-        return np.ascontiguousarray(np.broadcast_to(imp, x.shape))
+        return contiguous(xp.broadcast_to(xp.asarray(imp, device=device(x)), x.shape))
 
 
-def _superblock_weights(blocks: np.ndarray, qw: np.ndarray, factor: int) -> np.ndarray:
+def _superblock_weights(blocks: Array, qw: Array, factor: int) -> Array:
     """``qw * sqrt(sigma2 + x^2)`` with ``sigma2 = factor * sum(x^2) / QK_K`` of each super-block."""
-    sum_x2 = seq_sum(np.ascontiguousarray((blocks * blocks).T))
-    sigma2 = ((_F32(factor) * sum_x2) / _F32(QK_K)).astype(_F32)
-    return (qw * np.sqrt(sigma2[:, None] + blocks * blocks)).astype(_F32)
+    xp = array_namespace(blocks)
+    sum_x2 = seq_sum(contiguous((blocks * blocks).T))
+    sigma2 = (const(xp, factor, blocks) * sum_x2) / const(xp, QK_K, blocks)
+    return qw * sqrt(xp, sigma2[:, None] + blocks * blocks)
 
 
-def _sub_sums(w: np.ndarray, size: int) -> np.ndarray:
+def _sub_sums(w: Array, size: int) -> Array:
     """Each sub-block's summed weights ``(n, QK_K / size)``, summed from 0 as the C loop does."""
-    return seq_sum(np.ascontiguousarray(w.reshape(-1, size).T)).reshape(w.shape[0], -1)
+    return seq_sum(contiguous(w.reshape(-1, size).T)).reshape(w.shape[0], -1)
 
 
-def _requantize(x: np.ndarray, codes: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int):
+def _requantize(x: Array, codes: Array, d: Array, dm: Array | None, lo: int, hi: int) -> Array:
     """Redo the codes with the stored (rounded) sub-block scales, as each `_ref` encoder's last pass.
 
     ``x``/``codes``: ``(n, subs, size)``; ``d``/``dm``: ``(n, subs)``. Sub-blocks whose scale is 0
     keep the search's codes; others get ``clamp(nearest_int((x + dm) / d), lo, hi) - lo``.
     """
+    xp = array_namespace(x)
     live = d != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with errstate(x):
         v = x if dm is None else x + dm[..., None]
-        l = np.clip(nearest_int(v / np.where(live, d, _F32(1))[..., None]), lo, hi) - lo
-    return np.where(live[..., None], l.astype(np.uint8), codes)
+        l = xp.clip(nearest_int(v / xp.where(live, d, const(xp, 1, d))[..., None]), lo, hi) - lo
+    return xp.where(live[..., None], xp.astype(l, xp.uint8), codes)
 
 
-def _asymmetric_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int, qw: np.ndarray | None = None):
+def _six_bit(xp, inv: Array, v: Array) -> Array:
+    # `uint8_t ls = nearest_int(inv * v)` wraps modulo 256 before `MIN(63, ls)`
+    return xp.astype(xp.minimum(nearest_int(inv[:, None] * v) & 0xFF, const(xp, 63, inv, xp.int32)), xp.uint8)
+
+
+def _asymmetric_k4(blocks: Array, nmax: int, rmin: float, nstep: int, qw: Array | None = None):
     """Q4_K/Q5_K up to the codes: header bytes (d, dmin, 12 scale bytes) and codes ``(n, 256)``.
 
     Without ``qw`` `quantize_row_q4_K_ref` (``make_qkx2_quants``, weights ``av_x + |x|``, scales to
     6 bits by the largest); with it `quantize_row_q4_K_impl` (``make_qkx3_quants`` on importance
     weights, scales and mins to 6 bits by ``make_qp_quants``).
     """
+    xp = array_namespace(blocks)
     n = blocks.shape[0]
     sub = blocks.reshape(-1, 32)
     if qw is None:
-        sum_x2 = seq_sum(np.ascontiguousarray((sub * sub).T))
-        av_x = np.sqrt(sum_x2 / _F32(32)).astype(_F32)
-        weights = (av_x[:, None] + np.abs(sub)).astype(_F32)
+        sum_x2 = seq_sum(contiguous((sub * sub).T))
+        av_x = sqrt(xp, sum_x2 / const(xp, 32, sub))
+        weights = av_x[:, None] + xp.abs(sub)
         scales, mins, codes = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep, False)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
         max_scale, max_min = _positive_max(scales), _positive_max(mins)
-        with np.errstate(divide="ignore"):
-            inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0)).astype(_F32)
-            inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0)).astype(_F32)
-        # `uint8_t ls = nearest_int(...)` wraps modulo 256 before `MIN(63, ls)`
-        ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
-        lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
-        d = (max_scale / _F32(63)).astype(_F32)
-        dmin = (max_min / _F32(63)).astype(_F32)
+        ls = _six_bit(xp, _inverse_scale(xp, 63, max_scale), scales)
+        lm = _six_bit(xp, _inverse_scale(xp, 63, max_min), mins)
+        d = max_scale / const(xp, 63, max_scale)
+        dmin = max_min / const(xp, 63, max_min)
     else:
         w = _superblock_weights(blocks, qw, 2)
         sw = _sub_sums(w, 32)
@@ -119,13 +146,13 @@ def _asymmetric_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int, qw: n
         d, ls = make_qp_quants(scales.reshape(n, 8), 63, sw)
         dmin, lm = make_qp_quants((-m).reshape(n, 8), 63, sw)
         if nmax == 31:  # Q5_K's `_impl` clamps to 6 bits; Q4_K's stores the byte as it is
-            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+            ls, lm = xp.minimum(ls, const(xp, 63, ls)), xp.minimum(lm, const(xp, 63, lm))
     packed = pack_scale_min_k4(ls, lm)
     sc, mn = unpack_scale_min_k4(packed)  # requantize from the stored bytes (`get_scale_min_k4`)
-    dl = f16_round(d)[:, None] * sc.astype(_F32)
-    ml = f16_round(dmin)[:, None] * mn.astype(_F32)
+    dl = f16_round(d)[:, None] * xp.astype(sc, xp.float32)
+    ml = f16_round(dmin)[:, None] * xp.astype(mn, xp.float32)
     codes = _requantize(blocks.reshape(n, 8, 32), codes.reshape(n, 8, 32), dl, ml, 0, nmax)
-    header = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed], axis=1)
+    header = xp.concat([_f16_bytes(d), _f16_bytes(dmin), packed], axis=1)
     return header, codes.reshape(n, QK_K)
 
 
@@ -146,28 +173,41 @@ class _AsymmetricK4(_KQuant):
         return cls._pack(*_asymmetric_k4(blocks, cls.nmax, cls.rmin, cls.nstep, weights))
 
     @classmethod
-    def _pack(cls, header: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    def _pack(cls, header: Array, codes: Array) -> Array:
         raise NotImplementedError
 
 
-def _asymmetric_k4_decode(data: np.ndarray, q: np.ndarray) -> np.ndarray:
+def _asymmetric_k4_decode(data: Array, q: Array) -> Array:
     # y = (d * sc) * q - dmin * m, per sub-block of 32
+    xp = array_namespace(data)
     sc, m = unpack_scale_min_k4(data[:, 4:16])
-    dl = _f16_value(data[:, 0:2]) * sc.astype(_F32)
-    ml = _f16_value(data[:, 2:4]) * m.astype(_F32)
-    y = dl[:, :, None] * q.reshape(-1, 8, 32).astype(_F32) - ml[:, :, None]
+    dl = _f16_value(data[:, 0:2]) * xp.astype(sc, xp.float32)
+    ml = _f16_value(data[:, 2:4]) * xp.astype(m, xp.float32)
+    y = dl[:, :, None] * xp.astype(q.reshape(-1, 8, 32), xp.float32) - ml[:, :, None]
     return y.reshape(-1, QK_K)
 
 
-def _nibbles_k(codes: np.ndarray) -> np.ndarray:
+def _nibbles_k(codes: Array) -> Array:
     # byte 32 c + l: value 64 c + l in the low nibble, 64 c + 32 + l in the high one
     q = codes.reshape(-1, 4, 2, 32)
     return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
 
 
-def _unnibble_k(qs: np.ndarray) -> np.ndarray:
-    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8)[None, None, :, None]
-    return (q & 0x0F).reshape(-1, QK_K)
+def _unnibble_k(qs: Array) -> Array:
+    xp = array_namespace(qs)
+    q = qs.reshape(-1, 4, 1, 32)
+    return xp.concat([q & 0x0F, q >> 4], axis=2).reshape(-1, QK_K)
+
+
+def _unpack_bits(b: Array) -> Array:
+    # inverse of `pack_bits`: bit j of byte l is value 32 j + l
+    xp = array_namespace(b)
+    return xp.concat([(b >> j) & 1 for j in range(8)], axis=1)
+
+
+def _signed_max_scale(xp, scales: Array) -> Array:
+    # the sub-block scale of largest magnitude, sign kept, first of equals (the C loop's strict `>`)
+    return take_rows(xp, scales, xp.argmax(xp.abs(scales), axis=1))
 
 
 # [scales: 16 B, lo nibble = 4-bit scale, hi = 4-bit min of each 16-value sub-block][qs: 64 B, 2-bit]
@@ -178,16 +218,15 @@ class Q2_K(_KQuant, qtype=T.Q2_K):
 
     @classmethod
     def encode_blocks(cls, blocks):
+        xp = array_namespace(blocks)
         n = blocks.shape[0]
         sub = blocks.reshape(-1, 16)
-        scales, mins, codes = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, True)
+        scales, mins, codes = make_qkx2_quants(sub, xp.abs(sub), 3, -0.5, 0.1, 15, True)
         scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
         max_scale, max_min = _positive_max(scales), _positive_max(mins)
-        with np.errstate(divide="ignore"):
-            iscale = np.where(max_scale > 0, _F32(15) / max_scale, _F32(0)).astype(_F32)
-            imin = np.where(max_min > 0, _F32(15) / max_min, _F32(0)).astype(_F32)
-        d = (max_scale / _F32(15)).astype(_F32)
-        dmin = (max_min / _F32(15)).astype(_F32)
+        iscale, imin = _inverse_scale(xp, 15, max_scale), _inverse_scale(xp, 15, max_min)
+        d = max_scale / const(xp, 15, max_scale)
+        dmin = max_min / const(xp, 15, max_min)
         return cls._finish(
             blocks, codes, nearest_int(iscale[:, None] * scales), nearest_int(imin[:, None] * mins), d, dmin
         )
@@ -195,30 +234,33 @@ class Q2_K(_KQuant, qtype=T.Q2_K):
     @classmethod
     def encode_blocks_weighted(cls, blocks, weights):
         # `quantize_row_q2_K_impl`: sigma2 = sum(x^2) / QK_K, make_qkx3_quants, make_qp_quants to 4 bits
+        xp = array_namespace(blocks)
         n = blocks.shape[0]
         w = _superblock_weights(blocks, weights, 1)
         scales, m, codes = make_qkx3_quants(blocks.reshape(-1, 16), 3, w.reshape(-1, 16), -0.9, 0.05, 36)
         sw = _sub_sums(w, 16)
         d, ls = make_qp_quants(scales.reshape(n, 16), 15, sw)
         dmin, lm = make_qp_quants((-m).reshape(n, 16), 15, sw)
-        return cls._finish(blocks, codes, ls.astype(np.int32), lm.astype(np.int32), d, dmin)
+        return cls._finish(blocks, codes, xp.astype(ls, xp.int32), xp.astype(lm, xp.int32), d, dmin)
 
     @classmethod
     def _finish(cls, blocks, codes, ls, lm, d, dmin):
         # `y.scales[j] = ls | lm << 4`: no clamp, truncated to the byte; codes redone with the stored scales
+        xp = array_namespace(blocks)
         n = blocks.shape[0]
-        packed = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)
-        dl = f16_round(d)[:, None] * (packed & 0x0F).astype(_F32)
-        ml = f16_round(dmin)[:, None] * (packed >> 4).astype(_F32)
+        packed = xp.astype((ls | (lm << 4)) & 0xFF, xp.uint8)
+        dl = f16_round(d)[:, None] * xp.astype(packed & 0x0F, xp.float32)
+        ml = f16_round(dmin)[:, None] * xp.astype(packed >> 4, xp.float32)
         codes = _requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, ml, 0, 3)
-        return np.concatenate([packed, pack_2bit(codes.reshape(n, QK_K)), _f16_bytes(d), _f16_bytes(dmin)], 1)
+        return xp.concat([packed, pack_2bit(codes.reshape(n, QK_K)), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
+        xp = array_namespace(data)
         sc = data[:, :16]
-        dl = _f16_value(data[:, 80:82]) * (sc & 0x0F).astype(_F32)
-        ml = _f16_value(data[:, 82:84]) * (sc >> 4).astype(_F32)
-        q = unpack_2bit(data[:, 16:80]).reshape(-1, 16, 16).astype(_F32)
+        dl = _f16_value(data[:, 80:82]) * xp.astype(sc & 0x0F, xp.float32)
+        ml = _f16_value(data[:, 82:84]) * xp.astype(sc >> 4, xp.float32)
+        q = xp.astype(unpack_2bit(data[:, 16:80]).reshape(-1, 16, 16), xp.float32)
         return (dl[:, :, None] * q - ml[:, :, None]).reshape(-1, QK_K)
 
 
@@ -229,18 +271,18 @@ class Q3_K(_KQuant, qtype=T.Q3_K):
 
     @classmethod
     def encode_blocks(cls, blocks):
+        xp = array_namespace(blocks)
         n = blocks.shape[0]
         scales, codes = make_q3_quants(blocks.reshape(-1, 16), 4)
         scales = scales.reshape(n, 16)
-        idx = np.abs(scales).argmax(axis=1)  # first of equal magnitudes (strict `>` from 0)
-        max_scale = scales[np.arange(n), idx]
+        max_scale = _signed_max_scale(xp, scales)
         live = max_scale != 0
-        with np.errstate(divide="ignore"):
-            iscale = (_F32(-32) / np.where(live, max_scale, _F32(1))).astype(_F32)
+        with errstate(blocks):
+            iscale = const(xp, -32, scales) / xp.where(live, max_scale, const(xp, 1, scales))
         # `int8_t l = nearest_int(...)`, clamped to -32..31, stored offset by 32
-        l6 = np.clip(nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31) + np.int8(32)
-        l6 = np.where(live[:, None], l6, 0).astype(np.uint8)
-        d = np.where(live, _F32(1) / iscale, _F32(0)).astype(_F32)
+        l6 = xp.clip(xp.astype(nearest_int(iscale[:, None] * scales), xp.int8), -32, 31) + 32
+        l6 = xp.astype(xp.where(live[:, None], l6, const(xp, 0, l6)), xp.uint8)
+        d = xp.where(live, const(xp, 1, iscale) / iscale, const(xp, 0, iscale))
         return cls._finish(blocks, codes, l6, d)
 
     @classmethod
@@ -255,21 +297,22 @@ class Q3_K(_KQuant, qtype=T.Q3_K):
 
     @classmethod
     def _finish(cls, blocks, codes, l6, d):
+        xp = array_namespace(blocks)
         n = blocks.shape[0]
-        sc = (l6.view(np.int8) - np.int8(32)).astype(_F32)
+        sc = xp.astype(bitcast(l6, "int8") - 32, xp.float32)
         dl = f16_round(d)[:, None] * sc
         codes = _requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -4, 3)
         codes = codes.reshape(n, QK_K)
-        hmask = np.packbits((codes > 3).reshape(n, 8, 32), axis=1, bitorder="little").reshape(n, 32)
-        qs = pack_2bit(codes & 3)
-        return np.concatenate([hmask, qs, pack_q3_scales(l6), _f16_bytes(d)], axis=1)
+        hmask = pack_bits(xp.astype(codes > 3, xp.uint8).reshape(n, 8, 32))
+        return xp.concat([hmask, pack_2bit(codes & 3), pack_q3_scales(l6), _f16_bytes(d)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
-        dl = _f16_value(data[:, 108:110]) * unpack_q3_scales(data[:, 96:108]).astype(_F32)
-        high = np.unpackbits(data[:, None, :32], axis=1, bitorder="little").reshape(-1, QK_K)
-        q = unpack_2bit(data[:, 32:96]).astype(np.int8) - ((high ^ 1) << 2).astype(np.int8)
-        return (dl[:, :, None] * q.reshape(-1, 16, 16).astype(_F32)).reshape(-1, QK_K)
+        xp = array_namespace(data)
+        dl = _f16_value(data[:, 108:110]) * xp.astype(unpack_q3_scales(data[:, 96:108]), xp.float32)
+        high = _unpack_bits(data[:, :32])
+        q = xp.astype(unpack_2bit(data[:, 32:96]), xp.int8) - xp.astype((high ^ 1) << 2, xp.int8)
+        return (dl[:, :, None] * xp.astype(q.reshape(-1, 16, 16), xp.float32)).reshape(-1, QK_K)
 
 
 # [d: f16][dmin: f16][scales: 12 B, 8 six-bit scales + 8 six-bit mins (get_scale_min_k4)]
@@ -280,7 +323,7 @@ class Q4_K(_AsymmetricK4, qtype=T.Q4_K):
 
     @classmethod
     def _pack(cls, header, codes):
-        return np.concatenate([header, _nibbles_k(codes)], axis=1)
+        return array_namespace(header).concat([header, _nibbles_k(codes)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
@@ -295,13 +338,12 @@ class Q5_K(_AsymmetricK4, qtype=T.Q5_K):
 
     @classmethod
     def _pack(cls, header, codes):
-        qh = np.packbits((codes >> 4).reshape(-1, 8, 32), axis=1, bitorder="little").reshape(-1, 32)
-        return np.concatenate([header, qh, _nibbles_k(codes)], axis=1)
+        qh = pack_bits((codes >> 4).reshape(-1, 8, 32))
+        return array_namespace(header).concat([header, qh, _nibbles_k(codes)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
-        high = np.unpackbits(data[:, None, 16:48], axis=1, bitorder="little").reshape(-1, QK_K)
-        return _asymmetric_k4_decode(data, _unnibble_k(data[:, 48:]) | (high << 4))
+        return _asymmetric_k4_decode(data, _unnibble_k(data[:, 48:]) | (_unpack_bits(data[:, 16:48]) << 4))
 
 
 # [ql: 128 B low nibbles][qh: 64 B, 2 high bits][scales: 16 x int8][d: f16]; x = d * sc * (q - 32)
@@ -320,36 +362,41 @@ class Q6_K(_KQuant, qtype=T.Q6_K):
 
     @classmethod
     def _encode(cls, blocks, weights):
+        xp = array_namespace(blocks)
         n = blocks.shape[0]
         scales, codes = make_qx_quants(
             blocks.reshape(-1, 16), 32, None if weights is None else weights.reshape(-1, 16)
         )
         scales = scales.reshape(n, 16)
-        idx = np.abs(scales).argmax(axis=1)
-        max_scale = scales[np.arange(n), idx]
-        live = np.abs(max_scale) >= GROUP_MAX_EPS
-        with np.errstate(divide="ignore"):
-            iscale = (_F32(-128) / np.where(live, max_scale, _F32(1))).astype(_F32)
-        sc = np.minimum(nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
-        d = (_F32(1) / iscale).astype(_F32)
-        dl = f16_round(d)[:, None] * sc.astype(_F32)
+        max_scale = _signed_max_scale(xp, scales)
+        live = xp.abs(max_scale) >= const(xp, GROUP_MAX_EPS, scales)
+        with errstate(blocks):
+            iscale = const(xp, -128, scales) / xp.where(live, max_scale, const(xp, 1, scales))
+            d = const(xp, 1, iscale) / iscale
+        sc = xp.astype(
+            xp.minimum(nearest_int(iscale[:, None] * scales), const(xp, 127, live, xp.int32)), xp.int8
+        )
+        dl = f16_round(d)[:, None] * xp.astype(sc, xp.float32)
         codes = _requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -32, 31)
         v = codes.reshape(n, 2, 4, 32)  # [half, quarter, l]
-        ql = np.concatenate([v[:, :, 0] & 0x0F, v[:, :, 1] & 0x0F], axis=2) | (
-            np.concatenate([v[:, :, 2] & 0x0F, v[:, :, 3] & 0x0F], axis=2) << 4
+        ql = xp.concat([v[:, :, 0] & 0x0F, v[:, :, 1] & 0x0F], axis=2) | (
+            xp.concat([v[:, :, 2] & 0x0F, v[:, :, 3] & 0x0F], axis=2) << 4
         )
         top = v >> 4
         qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)
-        out = np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), _f16_bytes(d)], 1)
+        out = xp.concat([ql.reshape(n, 128), qh.reshape(n, 64), bitcast(sc, "uint8"), _f16_bytes(d)], axis=1)
         out[~live] = 0  # an all-zero super-block is all zero bytes
         return out
 
     @classmethod
     def decode_blocks(cls, data):
+        xp = array_namespace(data)
         ql = data[:, :128].reshape(-1, 2, 2, 32)  # [half, first/second 32 bytes, l]
-        q = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # [half, quarter, l]
-        shifts = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
-        q = q | (((data[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3) << 4)
-        dl = _f16_value(data[:, 208:210]) * data[:, 192:208].view(np.int8).astype(_F32)
-        q = q.reshape(-1, 16, 16).astype(np.int8) - np.int8(32)
-        return (dl[:, :, None] * q.astype(_F32)).reshape(-1, QK_K)
+        q = xp.concat([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # [half, quarter, l]
+        qh = data[:, 128:192].reshape(-1, 2, 1, 32)
+        q = q | (xp.concat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2) << 4)
+        dl = _f16_value(data[:, 208:210]) * xp.astype(
+            bitcast(contiguous(data[:, 192:208]), "int8"), xp.float32
+        )
+        q = xp.astype(q.reshape(-1, 16, 16), xp.int8) - 32
+        return (dl[:, :, None] * xp.astype(q, xp.float32)).reshape(-1, QK_K)

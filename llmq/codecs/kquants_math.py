@@ -6,7 +6,8 @@ the 16 signed scales of Q3_K). As in ``quants_math``, arithmetic is float32 in t
 order and sums run one term at a time, so the results are byte-identical to llama.cpp's.
 
 Inputs are ``(n, k)``: ``n`` independent sub-blocks of ``k`` values, transposed to ``(k, n)``
-internally so each step of a sequential sum is one vector operation.
+internally so each step of a sequential sum is one vector operation. NumPy arrays and torch tensors
+(CPU or CUDA) are both accepted and give the same bits (see ``xp``).
 """
 
 from __future__ import annotations
@@ -14,27 +15,31 @@ from __future__ import annotations
 import numpy as np
 
 from .quants_math import GROUP_MAX_EPS, make_qkx3_quants, seq_sum
+from .xp import Array, array_namespace, bitcast, const, contiguous, device, errstate, take_rows
 
 _F32 = np.float32
 # Sub-blocks per chunk of temporaries, so a search's scratch stays cache-sized.
 _CHUNK_VALUES = 1 << 17
 
 
-def nearest_int(v: np.ndarray) -> np.ndarray:
+def nearest_int(v: Array) -> Array:
     """ggml's `nearest_int` bit for bit: add 1.5 * 2^23 in float32, keep the low 23 bits, re-centre.
 
     Round half to even for ``|v| < 2^22``; beyond that (or for inf/nan) the same wrapped value the
     C code gets, which its callers then clamp. Returns int32.
     """
-    with np.errstate(invalid="ignore", over="ignore"):
-        bits = (np.asarray(v, _F32) + _F32(12582912.0)).view(np.int32)
+    xp = array_namespace(v)
+    v = xp.astype(v, xp.float32, copy=False)
+    with errstate(v):
+        bits = bitcast(v + const(xp, 12582912.0, v), "int32")
     return (bits & 0x007FFFFF) - 0x00400000
 
 
-def f16_round(v: np.ndarray) -> np.ndarray:
+def f16_round(v: Array) -> Array:
     """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))``: float32 rounded through IEEE half (to nearest even)."""
-    with np.errstate(over="ignore"):
-        return np.asarray(v, _F32).astype(np.float16).astype(_F32)
+    xp = array_namespace(v)
+    with errstate(v):
+        return xp.astype(xp.astype(v, xp.float16), xp.float32)
 
 
 def _chunks(n: int, k: int):
@@ -44,8 +49,8 @@ def _chunks(n: int, k: int):
 
 
 def make_qkx2_quants(
-    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x: Array, weights: Array, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[Array, Array, Array]:
     """Asymmetric scale/min search of each sub-block; ggml's `make_qkx2_quants`.
 
     ggml's `make_qkx2_quants` and `make_qkx3_quants` run the same search (start from the min/max
@@ -58,10 +63,10 @@ def make_qkx2_quants(
         uint8 in ``0 .. nmax``, so that ``x ~= scale * L - the_min``.
     """
     scale, m, codes = make_qkx3_quants(x, nmax, weights, rmin, rdelta, nstep, use_mad)
-    return scale, (-m).astype(_F32), codes
+    return scale, -m, codes
 
 
-def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def make_qp_quants(x: Array, nmax: int, weights: Array) -> tuple[Array, Array]:
     """Weighted search for the super-block scale of non-negative values; ggml's `make_qp_quants`.
 
     Used by the importance-weighted K-quant encoders to quantize the sub-block scales and mins to
@@ -77,32 +82,34 @@ def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.nd
     Returns:
         ``scale`` ``(n,)`` float32 and codes ``(n, k)`` uint8 (as C stores ``int`` into ``uint8_t``).
     """
-    x = np.asarray(x, _F32)
+    xp = array_namespace(x)
+    x = xp.astype(x, xp.float32, copy=False)
     n, k = x.shape
-    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(np.asarray(weights, _F32).T)
-    mx = np.maximum(xt.max(axis=0), _F32(0))  # `max = MAX(max, x[i])` from 0
-    zero = mx < GROUP_MAX_EPS
-    mx = np.where(zero, _F32(1), mx)
+    xt, wt = contiguous(x.T), contiguous(xp.astype(weights, xp.float32, copy=False).T)
+    c = lambda v: const(xp, v, x)  # noqa: E731
+    mx = xp.maximum(xp.max(xt, axis=0), c(0))  # `max = MAX(max, x[i])` from 0
+    zero = mx < c(GROUP_MAX_EPS)
+    mx = xp.where(zero, c(1), mx)
 
-    def codes(iscale: np.ndarray, clamp: bool, store: bool) -> np.ndarray:
+    def codes(iscale: Array, clamp: bool, store: bool) -> Array:
         l = nearest_int(iscale * xt)
         if clamp:
-            l = np.minimum(nmax, l)
-        return ((l & 0xFF) if store else l).astype(_F32)  # `L[i] = l` wraps into a uint8_t
+            l = xp.minimum(l, const(xp, nmax, l))
+        return xp.astype((l & 0xFF) if store else l, xp.float32)  # `L[i] = l` wraps into a uint8_t
 
-    def mse(scale: np.ndarray, l: np.ndarray) -> np.ndarray:
+    def mse(scale: Array, l: Array) -> Array:
         diff = xt - scale * l
         return seq_sum(wt * diff * diff)
 
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = (_F32(nmax) / mx).astype(_F32)
-        best = mse((_F32(1) / iscale).astype(_F32), codes(iscale, False, True))
+    with errstate(x):
+        iscale = c(nmax) / mx
+        best = mse(c(1) / iscale, codes(iscale, False, True))
         for i in (-4, -3, -2, -1, 1, 2, 3, 4):
-            iscale_i = ((_F32(0.1) * _F32(i) + _F32(nmax)) / mx).astype(_F32)
-            cur = mse((_F32(1) / iscale_i).astype(_F32), codes(iscale_i, True, False))
+            iscale_i = (c(0.1) * c(i) + c(nmax)) / mx
+            cur = mse(c(1) / iscale_i, codes(iscale_i, True, False))
             better = cur < best
-            best = np.where(better, cur, best)
-            iscale = np.where(better, iscale_i, iscale)
+            best = xp.where(better, cur, best)
+            iscale = xp.where(better, iscale_i, iscale)
         L = codes(iscale, True, True)
         wx = wt * xt
         sumlx, suml2 = seq_sum(wx * L), seq_sum(wt * L * L)
@@ -112,20 +119,21 @@ def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.nd
                 slx = sumlx - wx[i] * li
                 sl2 = suml2 - wt[i] * li * li
                 ok = (slx > 0) & (sl2 > 0)
-                new = np.minimum(nmax, nearest_int(xt[i] * sl2 / np.where(ok, slx, _F32(1)))).astype(_F32)
+                new = nearest_int(xt[i] * sl2 / xp.where(ok, slx, c(1)))
+                new = xp.astype(xp.minimum(new, const(xp, nmax, new)), xp.float32)
                 slx2 = slx + wx[i] * new
                 sl22 = sl2 + wt[i] * new * new
                 take = ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[i] = np.where(take, (new.astype(np.int32) & 0xFF).astype(_F32), li)
-                sumlx = np.where(take, slx2, sumlx)
-                suml2 = np.where(take, sl22, suml2)
-        scale = np.where(suml2 > 0, sumlx / suml2, _F32(0)).astype(_F32)
-    codes = L.T.astype(np.uint8)
-    codes[zero] = 0
-    return np.where(zero, _F32(0), scale).astype(_F32), codes
+                L[i] = xp.where(take, xp.astype(xp.astype(new, xp.int32) & 0xFF, xp.float32), li)
+                sumlx = xp.where(take, slx2, sumlx)
+                suml2 = xp.where(take, sl22, suml2)
+        scale = xp.where(suml2 > 0, sumlx / suml2, c(0))
+    out = xp.astype(L.T, xp.uint8)
+    out[zero] = 0
+    return xp.where(zero, c(0), scale), out
 
 
-def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def make_q3_quants(x: Array, nmax: int) -> tuple[Array, Array]:
     """Symmetric search with per-value refinement; ggml's `make_q3_quants(n, nmax, x, L, do_rmse=true)`.
 
     Rounds with ``iscale = -nmax / max`` (``max`` the value of largest magnitude), then up to five
@@ -137,24 +145,27 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         ``scale`` ``(n,)`` float32 and codes ``(n, k)`` uint8 in ``0 .. 2 nmax - 1`` (offset by
         ``nmax``); all-zero sub-blocks get scale 0 and codes 0.
     """
-    x = np.asarray(x, _F32)
+    xp = array_namespace(x)
+    x = xp.astype(x, xp.float32, copy=False)
     n, k = x.shape
-    scale, codes = np.zeros(n, _F32), np.zeros((n, k), np.uint8)
+    scale = xp.zeros(n, dtype=xp.float32, device=device(x))
+    codes = xp.zeros((n, k), dtype=xp.uint8, device=device(x))
     for sl in _chunks(n, k):
         scale[sl], codes[sl] = _q3_chunk(x[sl], nmax)
     return scale, codes
 
 
-def _q3_chunk(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    n = x.shape[0]
-    mx = x[np.arange(n), np.abs(x).argmax(axis=1)]  # first of equal magnitudes (strict `>`)
-    zero = np.abs(mx) < GROUP_MAX_EPS
-    xt = np.ascontiguousarray(x.T)
+def _q3_chunk(x: Array, nmax: int) -> tuple[Array, Array]:
+    xp = array_namespace(x)
+    c = lambda v: const(xp, v, x)  # noqa: E731
+    mx = take_rows(xp, x, xp.argmax(xp.abs(x), axis=1))  # first of equal magnitudes (strict `>`)
+    zero = xp.abs(mx) < c(GROUP_MAX_EPS)
+    xt = contiguous(x.T)
     w = xt * xt
     wx = w * xt
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = (_F32(-nmax) / np.where(zero, _F32(1), mx)).astype(_F32)
-        L = np.clip(nearest_int(iscale * xt), -nmax, nmax - 1).astype(_F32)
+    with errstate(x):
+        iscale = c(-nmax) / xp.where(zero, c(1), mx)
+        L = xp.astype(xp.clip(nearest_int(iscale * xt), -nmax, nmax - 1), xp.float32)
         sumlx = seq_sum(wx * L)
         suml2 = seq_sum(w * L * L)
         for _ in range(5):
@@ -162,71 +173,77 @@ def _q3_chunk(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
                 li = L[i]
                 slx = sumlx - wx[i] * li
                 sl2 = suml2 - w[i] * li * li
-                new = np.clip(nearest_int(xt[i] * sl2 / slx), -nmax, nmax - 1).astype(_F32)
+                new = xp.astype(xp.clip(nearest_int(xt[i] * sl2 / slx), -nmax, nmax - 1), xp.float32)
                 slx2 = slx + wx[i] * new
                 sl22 = sl2 + w[i] * new * new
                 take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[i] = np.where(take, new, li)
-                sumlx = np.where(take, slx2, sumlx)
-                suml2 = np.where(take, sl22, suml2)
-        scale = np.where(suml2 > 0, sumlx / suml2, _F32(0)).astype(_F32)
-    codes = (L + _F32(nmax)).astype(np.uint8)
+                L[i] = xp.where(take, new, li)
+                sumlx = xp.where(take, slx2, sumlx)
+                suml2 = xp.where(take, sl22, suml2)
+        scale = xp.where(suml2 > 0, sumlx / suml2, c(0))
+    codes = xp.astype(L + c(nmax), xp.uint8)
     codes[:, zero] = 0
-    return np.where(zero, _F32(0), scale), codes.T
+    return xp.where(zero, c(0), scale), codes.T
 
 
 # -- scale layouts -------------------------------------------------------------------------------
 
 
-def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+def pack_scale_min_k4(ls: Array, lm: Array) -> Array:
     """Pack 8 six-bit scales and 8 six-bit mins ``(n, 8)`` uint8 into Q4_K/Q5_K's 12 bytes.
 
     Bytes 0-3 / 4-7: scale / min of sub-blocks 0-3 (low 6 bits), their top 2 bits carrying the high
     bits of sub-blocks 4-7; bytes 8-11: low nibbles of sub-blocks 4-7 (scale low, min high).
     """
-    out = np.empty((ls.shape[0], 12), np.uint8)
-    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    out[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
-    return out
+    xp = array_namespace(ls)
+    return xp.concat(
+        [
+            ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+            lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+            (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4),
+        ],
+        axis=1,
+    )
 
 
-def unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unpack_scale_min_k4(s: Array) -> tuple[Array, Array]:
     """`get_scale_min_k4` for all 8 sub-blocks: 12 bytes ``(n, 12)`` -> scales, mins ``(n, 8)`` uint8."""
+    xp = array_namespace(s)
     lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
-    m = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    sc = xp.concat([lo & 0x3F, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
+    m = xp.concat([mid & 0x3F, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
     return sc, m
 
 
-def pack_q3_scales(l6: np.ndarray) -> np.ndarray:
+def pack_q3_scales(l6: Array) -> Array:
     """Pack 16 six-bit scales ``(n, 16)`` uint8 (already offset by 32) into Q3_K's 12 bytes.
 
     Bytes 0-7: low nibbles of sub-blocks 0-7 (low half) and 8-15 (high half); bytes 8-11: the top
     2 bits, sub-block j in byte ``8 + j % 4`` at bit ``2 * (j // 4)``.
     """
-    out = np.empty((l6.shape[0], 12), np.uint8)
-    out[:, :8] = (l6[:, :8] & 0x0F) | ((l6[:, 8:] & 0x0F) << 4)
-    top = (l6 >> 4).reshape(-1, 4, 4)  # [j // 4, j % 4]
-    out[:, 8:] = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
-    return out
+    xp = array_namespace(l6)
+    top = xp.reshape(l6 >> 4, (-1, 4, 4))  # [j // 4, j % 4]
+    low = (l6[:, :8] & 0x0F) | ((l6[:, 8:] & 0x0F) << 4)
+    return xp.concat([low, top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)], axis=1)
 
 
-def unpack_q3_scales(s: np.ndarray) -> np.ndarray:
+def unpack_q3_scales(s: Array) -> Array:
     """Q3_K's 12 scale bytes ``(n, 12)`` -> the 16 signed scales ``(n, 16)`` int8 (``- 32`` applied)."""
-    low = np.concatenate([s[:, :8] & 0x0F, s[:, :8] >> 4], axis=1)
-    top = (s[:, None, 8:] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]) & 3  # (n, j // 4, j % 4)
-    l6 = low | (top.reshape(-1, 16) << 4)
-    return l6.view(np.int8) - np.int8(32)
+    xp = array_namespace(s)
+    low = xp.concat([s[:, :8] & 0x0F, s[:, :8] >> 4], axis=1)
+    top = xp.concat([(s[:, 8:] >> shift) & 3 for shift in (0, 2, 4, 6)], axis=1)  # j = 4 (j // 4) + j % 4
+    return bitcast(low | (top << 4), "int8") - 32
 
 
-def pack_2bit(codes: np.ndarray) -> np.ndarray:
+def pack_2bit(codes: Array) -> Array:
     """``(n, 256)`` codes 0..3 -> 64 bytes: byte ``32 h + l`` holds values ``128 h + 32 s + l`` at bits ``2 s``."""
-    q = codes.reshape(-1, 2, 4, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+    xp = array_namespace(codes)
+    q = xp.reshape(codes, (-1, 2, 4, 32))
+    return xp.reshape(q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6), (-1, 64))
 
 
-def unpack_2bit(qs: np.ndarray) -> np.ndarray:
+def unpack_2bit(qs: Array) -> Array:
     """Inverse of `pack_2bit`: 64 bytes ``(n, 64)`` -> ``(n, 256)`` codes in value order."""
-    shifts = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
-    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
+    xp = array_namespace(qs)
+    q = xp.reshape(qs, (-1, 2, 1, 32))
+    return xp.reshape(xp.concat([(q >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2), (-1, 256))

@@ -6,12 +6,16 @@ chosen scales and codes are byte-identical to llama.cpp's up to rare rounding ti
 
 Layout: inputs are ``(n, k)`` (``n`` independent blocks of ``k`` values) and are transposed to
 ``(k, n)`` internally, so a sequential sum over a block is ``k`` vector adds of contiguous rows.
-The K-quant helpers (``make_qkx2_quants``, ``make_qp_quants``, ``make_q3_quants``) belong here too.
+The K-quant helpers (``make_qkx2_quants``, ``make_qp_quants``, ``make_q3_quants``) live in
+``kquants_math``. The searches take NumPy arrays or torch tensors (CPU or CUDA) and return the same
+kind, with the same bits (see ``xp``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .xp import Array, array_namespace, const, contiguous, device, errstate, take_rows
 
 _F32 = np.float32
 # ggml-quants.c: `#define GROUP_MAX_EPS 1e-15f`, below which a block counts as all zero
@@ -20,26 +24,27 @@ GROUP_MAX_EPS = _F32(1e-15)
 _CHUNK_VALUES = 1 << 19
 
 
-def seq_sum(t: np.ndarray, from_zero: bool = True) -> np.ndarray:
+def seq_sum(t: Array, from_zero: bool = True) -> Array:
     """Sum ``t`` over axis 0 one term at a time in float32, as a C ``for`` loop accumulates.
 
     With ``from_zero`` the accumulator starts at ``0.0f`` (``float s = 0; s += t[i]``); otherwise
     it starts at ``t[0]`` (``float s = t[0]; for i >= 1 ...``).
     """
+    xp = array_namespace(t)
     if from_zero:
-        s = np.zeros(t.shape[1:], _F32)
+        s = xp.zeros(t.shape[1:], dtype=xp.float32, device=device(t))
         for row in t:
             s += row
     else:
-        s = t[0].astype(_F32, copy=True)
+        s = xp.astype(t[0], xp.float32, copy=True)
         for row in t[1:]:
             s += row
     return s
 
 
-def nearest_int(v: np.ndarray) -> np.ndarray:
+def nearest_int(v: Array) -> Array:
     """ggml's `nearest_int`: round half to even (the 1.5 * 2^23 trick), kept as float32."""
-    return np.rint(v)
+    return array_namespace(v).round(v)
 
 
 def row_sigma2(rows: np.ndarray) -> np.ndarray:
@@ -71,9 +76,7 @@ def _chunks(n: int, per_block: int):
         yield slice(s, min(n, s + step))
 
 
-def make_qx_quants(
-    x: np.ndarray, nmax: int, weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def make_qx_quants(x: Array, nmax: int, weights: Array | None = None) -> tuple[Array, Array]:
     """Symmetric weighted scale search; ggml's `make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`.
 
     Tries the scale ``max / -nmax`` and 18 neighbours ``max / -(nmax + 0.1 i)``; for each, rounds the
@@ -81,7 +84,7 @@ def make_qx_quants(
     ``sumlx^2 / suml2`` (the least weighted squared error).
 
     Args:
-        x: ``(n, k)`` float32 blocks.
+        x: ``(n, k)`` float32 blocks (NumPy or torch).
         nmax: codes are ``-nmax .. nmax - 1`` (8 for 4-bit, 16 for 5-bit).
         weights: ``(n, k)`` non-negative weights, or None for ``x^2`` (``rmse_type`` 1 without ``qw``).
 
@@ -89,56 +92,56 @@ def make_qx_quants(
         ``scale`` ``(n,)`` float32 and codes ``L`` ``(n, k)`` uint8 offset by ``nmax`` (``0 .. 2 nmax - 1``),
         so that ``x ~= scale * (L - nmax)``. All-zero blocks get scale 0 and codes 0.
     """
-    x = np.asarray(x, _F32)
-    w = x * x if weights is None else np.asarray(weights, _F32)
+    xp = array_namespace(x)
+    x = xp.astype(x, xp.float32, copy=False)
+    w = x * x if weights is None else xp.astype(weights, xp.float32, copy=False)
     n, k = x.shape
     # candidate order of the C loop: the plain scale first, then is = -9..-1, 1..9
     steps = np.array([0, *range(-9, 0), *range(1, 10)], _F32)
     numer = np.where(steps == 0, _F32(nmax), _F32(nmax) + _F32(0.1) * steps).astype(_F32)[:, None]
-    scale = np.zeros(n, _F32)
-    codes = np.zeros((n, k), np.uint8)
-    for sl in _chunks(n, k * len(steps)):
+    numer = xp.asarray(numer, device=device(x))
+    scale = xp.zeros(n, dtype=xp.float32, device=device(x))
+    codes = xp.zeros((n, k), dtype=xp.uint8, device=device(x))
+    for sl in _chunks(n, k * numer.shape[0]):
         scale[sl], codes[sl] = _make_qx_chunk(x[sl], w[sl], nmax, numer)
     return scale, codes
 
 
-def _make_qx_chunk(
-    x: np.ndarray, w: np.ndarray, nmax: int, numer: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _make_qx_chunk(x: Array, w: Array, nmax: int, numer: Array) -> tuple[Array, Array]:
+    xp = array_namespace(x)
     n = x.shape[0]
-    idx = np.abs(x).argmax(axis=1)  # first of equal magnitudes, as the C loop's strict `>`
-    mx = x[np.arange(n), idx]
-    zero = np.abs(mx) < GROUP_MAX_EPS
-    mx = np.where(zero, _F32(1), mx)
-    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
-    iscale = (-numer / mx[None, :]).astype(_F32)  # (C, n): `-(nmax + 0.1f*is) / max`
-    l = np.clip(nearest_int(iscale[None] * xt[:, None]), -nmax, nmax - 1)  # (k, C, n)
+    mx = take_rows(xp, x, xp.argmax(xp.abs(x), axis=1))  # first of equal magnitudes (C's strict `>`)
+    zero = xp.abs(mx) < const(xp, GROUP_MAX_EPS, x)
+    mx = xp.where(zero, const(xp, 1, x), mx)
+    xt, wt = contiguous(x.T), contiguous(w.T)
+    iscale = -numer / mx[None, :]  # (C, n): `-(nmax + 0.1f*is) / max`
+    l = xp.clip(nearest_int(iscale[None] * xt[:, None]), -nmax, nmax - 1)  # (k, C, n)
     sumlx = seq_sum((wt * xt)[:, None] * l)  # `w*x[i]*l`
     suml2 = seq_sum(wt[:, None] * l * l)  # `w*l*l`
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fit = (sumlx / suml2).astype(_F32)
-    scale = np.where(suml2[0] != 0, fit[0], _F32(0))
+    with errstate(x):
+        fit = sumlx / suml2
+    scale = xp.where(suml2[0] != 0, fit[0], const(xp, 0, x))
     best = scale * sumlx[0]
-    choice = np.zeros(n, np.intp)
-    for c in range(1, len(numer)):
+    choice = xp.zeros(n, dtype=xp.int64, device=device(x))
+    for c in range(1, numer.shape[0]):
         better = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        scale = np.where(better, fit[c], scale)
-        best = np.where(better, scale * sumlx[c], best)
-        choice[better] = c
-    codes = np.take_along_axis(l, choice[None, None, :], axis=1)[:, 0] + _F32(nmax)
+        scale = xp.where(better, fit[c], scale)
+        best = xp.where(better, scale * sumlx[c], best)
+        choice = xp.where(better, const(xp, c, choice), choice)
+    codes = xp.take_along_axis(l, choice[None, None, :], axis=1)[:, 0] + const(xp, nmax, x)
     codes[:, zero] = 0
-    return np.where(zero, _F32(0), scale).astype(_F32), codes.T.astype(np.uint8)
+    return xp.where(zero, const(xp, 0, x), scale), xp.astype(codes.T, xp.uint8)
 
 
 def make_qkx3_quants(
-    x: np.ndarray,
+    x: Array,
     nmax: int,
-    weights: np.ndarray | None = None,
+    weights: Array | None = None,
     rmin: float = -0.9,
     rdelta: float = 0.05,
     nstep: int = 36,
     use_mad: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[Array, Array, Array]:
     """Asymmetric weighted scale/min search; ggml's `make_qkx3_quants`.
 
     Starts from the min/max fit (the min clamped to at most 0), then for ``is = 0 .. nstep`` tries
@@ -147,7 +150,7 @@ def make_qkx3_quants(
     the C code, an accepted candidate's min feeds the next candidates' rounding.
 
     Args:
-        x: ``(n, k)`` float32 blocks.
+        x: ``(n, k)`` float32 blocks (NumPy or torch).
         nmax: the top code (15 for 4-bit, 31 for 5-bit).
         weights: ``(n, k)`` non-negative weights, or None for ``x^2``.
         rmin, rdelta, nstep: the search grid, as the caller passes them to ggml.
@@ -157,54 +160,57 @@ def make_qkx3_quants(
         ``scale`` ``(n,)``, ``m`` ``(n,)`` (float32, ``m <= 0``; ggml's ``-the_min``) and codes ``L``
         ``(n, k)`` uint8 in ``0 .. nmax``, so that ``x ~= scale * L + m``.
     """
-    x = np.asarray(x, _F32)
-    w = x * x if weights is None else np.asarray(weights, _F32)
+    xp = array_namespace(x)
+    x = xp.astype(x, xp.float32, copy=False)
+    w = x * x if weights is None else xp.astype(weights, xp.float32, copy=False)
     n, k = x.shape
-    scale, m, codes = np.zeros(n, _F32), np.zeros(n, _F32), np.zeros((n, k), np.uint8)
+    dev = device(x)
+    scale, m = xp.zeros(n, dtype=xp.float32, device=dev), xp.zeros(n, dtype=xp.float32, device=dev)
+    codes = xp.zeros((n, k), dtype=xp.uint8, device=dev)
     grid = (_F32(rmin) + _F32(rdelta) * np.arange(nstep + 1, dtype=_F32) + _F32(nmax)).astype(_F32)
+    grid = xp.asarray(grid, device=dev)
     for sl in _chunks(n, 2 * k):
         scale[sl], m[sl], codes[sl] = _make_qkx3_chunk(x[sl], w[sl], nmax, grid, use_mad)
     return scale, m, codes
 
 
-def _make_qkx3_chunk(
-    x: np.ndarray, w: np.ndarray, nmax: int, grid: np.ndarray, use_mad: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n = x.shape[0]
-    mn = x[np.arange(n), x.argmin(axis=1)]  # the first minimum, so -0.0 vs 0.0 follows the C loop
-    mx = x.max(axis=1)
-    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+def _make_qkx3_chunk(x: Array, w: Array, nmax: int, grid: Array, use_mad: bool) -> tuple[Array, Array, Array]:
+    xp = array_namespace(x)
+    zero_c = const(xp, 0, x)
+    mn = take_rows(xp, x, xp.argmin(x, axis=1))  # the first minimum, so -0.0 vs 0.0 follows the C loop
+    mx = xp.max(x, axis=1)
+    xt, wt = contiguous(x.T), contiguous(w.T)
     sum_w = seq_sum(wt, from_zero=False)
     sum_x = seq_sum(wt * xt, from_zero=False)
-    mn = np.where(mn > 0, _F32(0), mn)
+    mn = xp.where(mn > 0, zero_c, mn)
     flat = mx <= mn
 
-    def error(s: np.ndarray, mm: np.ndarray, l: np.ndarray) -> np.ndarray:
+    def error(s: Array, mm: Array, l: Array) -> Array:
         diff = s * l + mm - xt  # `scale * L[i] + min - x[i]`
-        return seq_sum(wt * (np.abs(diff) if use_mad else diff * diff))
+        return seq_sum(wt * (xp.abs(diff) if use_mad else diff * diff))
 
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = (_F32(nmax) / (mx - mn)).astype(_F32)
-        scale = (_F32(1) / iscale).astype(_F32)
-        codes = np.clip(nearest_int(iscale * (xt - mn)), 0, nmax)
+    with errstate(x):
+        iscale = const(xp, nmax, x) / (mx - mn)
+        scale = const(xp, 1, x) / iscale
+        codes = xp.clip(nearest_int(iscale * (xt - mn)), 0, nmax)
         best = error(scale, mn, codes)
-        for g in grid:
-            iscale = (g / (mx - mn)).astype(_F32)
-            l = np.clip(nearest_int(iscale * (xt - mn)), 0, nmax)
+        for gi in range(grid.shape[0]):
+            iscale = grid[gi] / (mx - mn)
+            l = xp.clip(nearest_int(iscale * (xt - mn)), 0, nmax)
             wl = wt * l
             sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * l), seq_sum(wl * xt)
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             pos = this_min > 0
-            this_min = np.where(pos, _F32(0), this_min)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            this_min = xp.where(pos, zero_c, this_min)
+            this_scale = xp.where(pos, sum_xl / sum_l2, this_scale)
             mad = error(this_scale, this_min, l)
             better = (det > 0) & (mad < best) & ~flat
-            codes = np.where(better, l, codes)
-            best = np.where(better, mad, best)
-            scale = np.where(better, this_scale, scale)
-            mn = np.where(better, this_min, mn)
+            codes = xp.where(better, l, codes)
+            best = xp.where(better, mad, best)
+            scale = xp.where(better, this_scale, scale)
+            mn = xp.where(better, this_min, mn)
     codes[:, flat] = 0
-    scale = np.where(flat, _F32(0), scale)
-    return scale.astype(_F32), mn.astype(_F32), codes.T.astype(np.uint8)
+    scale = xp.where(flat, zero_c, scale)
+    return scale, mn, xp.astype(codes.T, xp.uint8)

@@ -52,7 +52,7 @@ class GGUFStreamWriter:
         self.gguf = gguf.GGUFWriter(self.tmp, arch)
         self._pending: list[TensorPlan] = []
         self._reserved: set[str] = set()
-        self._patches: dict[str, float] = {}
+        self._patches: dict[str, float | str] = {}
         self._began = False
         self._done = False
 
@@ -82,12 +82,15 @@ class GGUFStreamWriter:
         self.gguf.write_tensor_data(data)
 
     def reserve(self, key: str) -> None:
-        """Mark a numeric key (already added with a placeholder value) to be set later with `patch`."""
+        """Mark a key (already added with a placeholder value) to be set later with `patch`.
+
+        A numeric key keeps its type; a string key must be patched with a string of the same length.
+        """
         assert not self._began, "reserve() after begin()"
         self._reserved.add(key)
 
-    def patch(self, values: dict[str, float]) -> None:
-        """Set reserved numeric keys; written into the header in place at `commit`."""
+    def patch(self, values: dict[str, float | str]) -> None:
+        """Set reserved keys; written into the header in place at `commit`."""
         unknown = set(values) - self._reserved
         assert not unknown, f"patching keys never reserved: {sorted(unknown)}"
         self._patches.update(values)
@@ -97,7 +100,13 @@ class GGUFStreamWriter:
         reader = gguf.GGUFReader(self.tmp, "r+")
         for key, value in self._patches.items():
             field = reader.fields[key]
-            field.parts[field.data[0]][0] = value
+            part = field.parts[field.data[0]]
+            if isinstance(value, str):
+                raw = np.frombuffer(value.encode("utf-8"), np.uint8)
+                assert raw.size == part.size, f"{key}: patched string is {raw.size} bytes, not {part.size}"
+                part[:] = raw
+            else:
+                part[0] = value
         reader.data.flush()
         del reader
 
