@@ -152,7 +152,15 @@ def row(
         if method.startswith("awq"):
             cmd += calib + ["--calib", "self" if method == "awq-self" else str(args.calib)]
         rss, secs, _ = run_child(cmd)
-    res = {"ref": ref, "row": spec, "file_mib": out.stat().st_size / 2**20, "convert_s": secs, "rss_mib": rss}
+    size = out.stat().st_size
+    res = {
+        "ref": ref,
+        "row": spec,
+        "file_mib": size / 2**20,
+        "file_bytes": size,
+        "convert_s": secs,
+        "rss_mib": rss,
+    }
     res.update(perplexity(binary, out, args, base, save=False))
     if not args.keep:
         out.unlink()
@@ -211,8 +219,10 @@ def main() -> int:
     print(
         f"\nWikiText-2 test, {args.chunks} chunks of 512; calibration {args.calib.name}, {args.samples} x {args.seqlen}\n"
     )
-    print("| reference | row | file MiB | PPL | KL vs F16 | KL p99 | top-1 | convert s | peak RSS MiB |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| reference | row | file MiB | file bytes | PPL | KL vs F16 | KL p99 | top-1 | convert s | peak RSS MiB |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         kl = f"{r['kl']:.5f} ± {r['kl_err']:.5f}" if "kl" in r else "—"
         p99 = f"{r['kl_p99']:.4f}" if r.get("kl_p99") is not None else "—"
@@ -220,7 +230,7 @@ def main() -> int:
         conv = f"{r['convert_s']:.0f}" if "convert_s" in r else "—"
         rss = f"{r['rss_mib']:.0f}" if "rss_mib" in r else "—"
         print(
-            f"| {r['ref']} | {r['row']} | {r['file_mib']:.1f} | {r['ppl']:.4f} ± {r['ppl_err']:.3f} | {kl} | {p99} "
+            f"| {r['ref']} | {r['row']} | {r['file_mib']:.1f} | {r.get('file_bytes', '—')} | {r['ppl']:.4f} ± {r['ppl_err']:.3f} | {kl} | {p99} "
             f"| {top1} | {conv} | {rss} |"
         )
     if args.json:
