@@ -7,43 +7,17 @@ importance matrix the weighted `quantize_row_q*_K_impl`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import quants
+from kquant_cases import MIN_IDENTICAL, GgmlQuantize, cases, importances, random_bytes
 from llmq.kernels import dequantize, matmul
 
 from llmq.codecs import REGISTRY, Codec
 
 K_QUANTS = sorted(n for n in REGISTRY if n.endswith("_K"))
-# the shared libggml fixture (tests/conftest.py): f(codec, x, importance=None) -> bytes
-GgmlQuantize = Callable[..., np.ndarray]
-MIN_IDENTICAL = 0.999  # fraction of blocks that must be byte-identical to ggml's
-
-
-def _cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    normal = rng.standard_normal((64, 512)).astype(np.float32)
-    scaled = normal * rng.choice(np.array([1e-6, 1e-3, 1.0, 30.0, 1e4], np.float32), (64, 1))
-    x = rng.standard_normal((24, 512)).astype(np.float32)
-    x[0] = 0.0  # all-zero super-blocks
-    x[1, :256] = 3.0  # constant super-blocks, positive and negative
-    x[1, 256:] = -2.5
-    x[2, 7] = 1e3  # one huge outlier
-    x[3, 300] = -5e4
-    x[4] = np.abs(x[4])  # all-positive: mins clamp to 0
-    x[5] = -np.abs(x[5])
-    x[6, :64] = -0.0  # signed zeros around one value
-    x[6, 3] = 2.0
-    x[7] = rng.integers(-16, 16, 512) / 2  # exact halves: rounding ties
-    x[8] *= 1e-7  # f16-subnormal scales
-    x[9] *= 1.5e4  # scales near the f16 maximum
-    x[10, ::2] = -x[10, 1::2]  # |max| ties of opposite sign
-    # sub-blocks of 16 scaled independently, zero sub-blocks included (scale-0 paths)
-    sub = rng.choice(np.array([0.0, 1e-4, 1.0, 50.0], np.float32), (13, 32, 1))
-    x[11:] = (x[11:].reshape(13, 32, 16) * sub).reshape(13, 512)
-    return {"normal": normal, "scaled": scaled, "extreme": x}
 
 
 def _sq_error(
@@ -67,14 +41,6 @@ def _assert_agrees(
         assert (e_ours <= e_ref * (1 + 1e-6) + 1e-30).all(), f"{codec.name} {label}: worse than ggml"
 
 
-def _importances(rng: np.random.Generator, k: int) -> dict[str, np.ndarray]:
-    lognormal = np.exp(rng.standard_normal(k) * 1.5).astype(np.float32)  # imatrix-like spread
-    sparse = lognormal.copy()
-    sparse[rng.random(k) < 0.3] = 0.0  # dead columns: zero weight
-    sparse[:16] = 0.0  # a whole sub-block with no weight
-    return {"lognormal": lognormal, "sparse": sparse, "flat": np.ones(k, np.float32)}
-
-
 def test_registry_has_the_k_quants() -> None:
     assert K_QUANTS == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
     for name in K_QUANTS:
@@ -85,7 +51,7 @@ def test_registry_has_the_k_quants() -> None:
 @pytest.mark.parametrize("name", K_QUANTS)
 def test_encode_matches_ggml_reference(name: str, ggml_quantize: GgmlQuantize) -> None:
     codec = REGISTRY[name]
-    for label, x in _cases(np.random.default_rng(20)).items():
+    for label, x in cases(np.random.default_rng(20)).items():
         _assert_agrees(codec, x, ggml_quantize(codec, x), label)
 
 
@@ -109,8 +75,8 @@ def test_encode_matches_ggml_on_smollm2(
 def test_weighted_encode_matches_ggml(name: str, ggml_quantize: GgmlQuantize) -> None:
     codec = REGISTRY[name]
     rng = np.random.default_rng(24)
-    for label, x in _cases(rng).items():
-        for ilabel, imp in _importances(rng, x.shape[1]).items():
+    for label, x in cases(rng).items():
+        for ilabel, imp in importances(rng, x.shape[1]).items():
             _assert_agrees(codec, x, ggml_quantize(codec, x, imp), f"{label}/{ilabel}", imp)
 
 
@@ -124,28 +90,21 @@ def test_weighted_encode_matches_ggml_on_smollm2(
     codec = REGISTRY[name]
     with safe_open(str(reference_model_dir / "model.safetensors"), "pt") as f:
         x = np.ascontiguousarray(f.get_tensor("model.layers.7.mlp.down_proj.weight").float().numpy()[:128])
-    imp = _importances(np.random.default_rng(25), x.shape[1])["lognormal"]
+    imp = importances(np.random.default_rng(25), x.shape[1])["lognormal"]
     ours = codec.encode(x, imp)
     _assert_agrees(codec, x, ggml_quantize(codec, x, imp), "down_proj", imp)
     # the importance changes the bytes: it is not ignored
     assert not np.array_equal(ours, codec.encode(x))
 
 
-def _random_bytes(codec: type[Codec], n: int, rng: np.random.Generator) -> np.ndarray:
-    raw = rng.integers(0, 256, size=(n, codec.type_size), dtype=np.uint8)
-    hi = raw.reshape(-1)[1::2]  # every f16 field sits at an even offset: keep them finite
-    hi[(hi & 0x7C) == 0x7C] &= 0xBF
-    return raw
-
-
 @pytest.mark.parametrize("name", K_QUANTS)
 def test_decode_equals_gguf_dequantize(name: str, ggml_quantize: GgmlQuantize) -> None:
     codec = REGISTRY[name]
     rng = np.random.default_rng(21)
-    x = _cases(rng)["extreme"]
+    x = cases(rng)["extreme"]
     for label, data in {
         "ggml bytes": ggml_quantize(codec, x),
-        "random bytes": _random_bytes(codec, 48, rng).reshape(24, -1),
+        "random bytes": random_bytes(codec, 48, rng).reshape(24, -1),
     }.items():
         ref = quants.dequantize(data, codec.qtype).reshape(x.shape)
         ours = codec.decode(data, x.shape)
