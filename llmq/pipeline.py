@@ -138,7 +138,6 @@ def quantized_tensors(
     calibration: Calibration | None,
     reports: list[LayerReport],
     awq: AWQConfig | None = None,
-    batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
     desc: str = "",
@@ -158,7 +157,12 @@ def quantized_tensors(
         if calibration is None:
             raise LlmqError(f"--method {search.name} needs calibration data")
         flow = CalibrationFlow(
-            calibration.tokens, ckpt.get(arch.embed), ckpt.config, arch, batch_size=batch_size, device=device
+            calibration.tokens,
+            ckpt.get(arch.embed),
+            ckpt.config,
+            arch,
+            batch_size=calibration.config.batch_size,
+            device=device,
         )
     bar = tqdm(total=stream.n_layers, desc=desc, unit="layer", disable=not progress)
     try:
@@ -224,7 +228,7 @@ def _layer_line(report: LayerReport) -> str:
     return "; ".join(parts)
 
 
-def _load_imatrix(
+def load_imatrix(
     imatrix: str | os.PathLike[str] | ImatrixFile, plans: list[TensorPlan], cfg: QuantConfig
 ) -> ImatrixFile:
     """Read and check an importance matrix against the plan: one value per input column."""
@@ -312,7 +316,7 @@ def convert(
     check_output(out_path, overwrite=overwrite)
     awq = awq or AWQConfig()
     search = get_search(cfg.method, awq)
-    imat = _load_imatrix(imatrix, plans, cfg) if imatrix is not None else None
+    imat = load_imatrix(imatrix, plans, cfg) if imatrix is not None else None
     for p in plans:
         if p.note:
             log.info("%s: %s", p.name, p.note)
@@ -348,7 +352,6 @@ def convert(
             calibration=calibration,
             reports=reports,
             awq=awq,
-            batch_size=calibration.config.batch_size if calibration else 8,
             device=device,
             progress=progress,
             desc=f"{cfg.method} {cfg.label}",

@@ -19,7 +19,8 @@ from .calib import CalibConfig, Calibration, prepare_calibration
 from .codecs import REGISTRY
 from .config import QuantConfig
 from .errors import LlmqError
-from .pipeline import quantized_tensors
+from .imatrix_io import ImatrixFile
+from .pipeline import load_imatrix, quantized_tensors
 from .plan import TensorPlan, plan_tensors
 from .search import LayerReport, get_search
 from .source import Checkpoint, resolve_source
@@ -71,6 +72,7 @@ def quantize(
     awq: AWQConfig | None = None,
     scale_groups: tuple[ScaleGroup, ...] | None = None,
     tokenizer: Any = None,
+    imatrix: str | os.PathLike[str] | ImatrixFile | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> QuantizedModel:
@@ -85,6 +87,8 @@ def quantize(
         scale_groups: replace the architecture's scale groups (which op feeds which linears) for
             this run, e.g. to drop a group or to try another loss target.
         tokenizer: with an in-memory model, its tokenizer (needed for text or ``self`` calibration).
+        imatrix: an importance matrix (file or `read_imatrix`'s result) weighing round-to-nearest
+            encoding, as `convert`'s ``imatrix`` (``method="rtn"`` only).
         device: where calibration forwards run.
         progress: show progress bars.
 
@@ -98,7 +102,7 @@ def quantize(
         >>> qm.report()[0]["scales"][0]["alpha"]
     """
     if isinstance(model_or_path, (str, os.PathLike)):
-        return _quantize_dir(model_or_path, config, calib, awq, scale_groups, device, progress)
+        return _quantize_dir(model_or_path, config, calib, awq, scale_groups, imatrix, device, progress)
     if not hasattr(model_or_path, "save_pretrained"):
         raise LlmqError(
             f"quantize: expected a path, a hub id or a transformers model, got {type(model_or_path).__name__}"
@@ -107,7 +111,7 @@ def quantize(
         model_or_path.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        return _quantize_dir(tmp, config, calib, awq, scale_groups, device, progress)
+        return _quantize_dir(tmp, config, calib, awq, scale_groups, imatrix, device, progress)
 
 
 def _quantize_dir(
@@ -116,6 +120,7 @@ def _quantize_dir(
     calib: CalibConfig | torch.Tensor | None,
     awq: AWQConfig | None,
     scale_groups: tuple[ScaleGroup, ...] | None,
+    imatrix: str | os.PathLike[str] | ImatrixFile | None,
     device: str,
     progress: bool,
 ) -> QuantizedModel:
@@ -127,6 +132,7 @@ def _quantize_dir(
     if scale_groups is not None:
         arch = dataclasses.replace(arch, scale_groups=tuple(scale_groups))
     plans = plan_tensors(ckpt, arch, cfg)
+    imat = load_imatrix(imatrix, plans, cfg) if imatrix is not None else None
     search = get_search(cfg.method, awq)
     calibration = (
         prepare_calibration(Path(model_dir), calib, progress=progress) if search.needs_activations else None
@@ -142,10 +148,10 @@ def _quantize_dir(
             calibration=calibration,
             reports=reports,
             awq=awq,
-            batch_size=calibration.config.batch_size if calibration else 8,
             device=device,
             progress=progress,
             desc=f"{cfg.method} {cfg.label}",
+            imatrix=imat.entries if imat is not None else None,
         )
     }
     return QuantizedModel(tuple(plans), data, reports, calibration, time.perf_counter() - t0)

@@ -111,6 +111,10 @@ def test_mix_with_imatrix_matches_llama_quantize(
     )  # the importance was used
     fields = gguf.GGUFReader(ours.path).fields
     assert int(fields["quantize.imatrix.entries_count"].contents()) == len(imat.entries)
+    # llmq.quantize takes the same importance matrix and gives the file's bytes
+    qm = llmq.quantize(src, cfg, imatrix=imatrix_path, progress=False)
+    for name, (_, data) in _tensors(ours.path).items():
+        assert qm.data[name].tobytes() == data.tobytes(), name
 
 
 def test_rules_are_data_and_follow_llama_cpp() -> None:
