@@ -29,7 +29,7 @@ def _weighted_error(
     codec: type[Codec], data: np.ndarray, x: np.ndarray, importance: np.ndarray
 ) -> np.ndarray:
     # per block: sum of qw * (decoded - x)^2, qw the weights llama.cpp's search minimizes
-    w = codec.row_weights(x, importance).astype(np.float64)
+    w = codec.encoder_weights(x, importance).astype(np.float64)
     err = w * (codec.decode(data, x.shape).astype(np.float64) - x) ** 2
     return err.reshape(-1, codec.block_size).sum(axis=1)
 
@@ -127,7 +127,7 @@ def test_grouped_weighted_shares_parameters(name: str, group: int) -> None:
     x = rng.standard_normal((6, 576)).astype(np.float32)  # 576 = 4*128 + 64
     importance = np.exp(rng.standard_normal(576)).astype(np.float32)
     data = codec.encode_grouped(x, group, importance)
-    weights = codec.row_weights(x, importance)
+    weights = codec.encoder_weights(x, importance)
     blocks = data.reshape(6, -1, codec.type_size)
     header = 2 if codec.symmetric else 4  # d (and m) lead every legacy block
     g = 576 if group == -1 else group

@@ -137,11 +137,13 @@ class Codec:
         return imp
 
     @classmethod
-    def row_weights(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
-        """Validate per-column ``importance`` ``(K,)`` and return per-element weights of ``x`` ``(..., K)``.
+    def encoder_weights(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        """Validate per-column ``importance`` ``(K,)``; return what `encode_blocks_weighted` receives.
 
-        The weights are llama.cpp's ``importance[j] * sqrt(sigma2 + x[j]^2)``, ``sigma2`` the row's
-        mean square (as in `quantize_row_q4_0_impl`).
+        Per-element weights of ``x`` ``(..., K)``: for the legacy types llama.cpp's
+        ``importance[j] * sqrt(sigma2 + x[j]^2)``, ``sigma2`` the row's mean square (as in
+        `quantize_row_q4_0_impl`). Codecs whose encoders weigh per super-block (the K-quants)
+        override it to pass the importance itself.
 
         Raises:
             FormatError: if ``importance`` is not ``(K,)``, not finite, or negative.
@@ -185,7 +187,7 @@ class Codec:
             cls._check_importance(to_numpy(importance), x.shape)
             out = cls.encode_blocks(blocks)
         else:
-            w = cls.row_weights(x, to_numpy(importance))
+            w = cls.encoder_weights(x, to_numpy(importance))
             out = cls.encode_blocks_weighted(blocks, w.reshape(-1, cls.block_size))
         assert out.dtype == xp.uint8 and out.shape[1] == cls.type_size, (cls.name, out.dtype, out.shape)
         return out.reshape(cls.byte_shape(x.shape))
@@ -306,7 +308,7 @@ class GroupCodec(Codec):
         w = None
         if importance is not None:
             if cls.supports_importance:
-                w = cls.row_weights(rows, importance)
+                w = cls.encoder_weights(rows, importance)
             else:
                 cls._check_importance(importance, x.shape)
         full = k - k % g

@@ -78,7 +78,7 @@ class _KQuant(Codec):
     array_api = True
 
     @classmethod
-    def row_weights(cls, x: Array, importance: Array) -> Array:
+    def encoder_weights(cls, x: Array, importance: Array) -> Array:
         # The `_impl` encoders build their weights from each super-block's own mean square, so the
         # per-element weights handed to `encode_blocks_weighted` are the importance itself.
         xp = array_namespace(x)
