@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
 from .quants_math import importance_weights
-from .xp import Array, array_namespace, is_torch_array, to_numpy
+from .xp import Array, array_namespace, bitcast, is_torch_array, to_numpy
 
 REGISTRY: dict[str, type[Codec]] = {}
 
@@ -198,7 +198,7 @@ class Codec:
         if is_torch_array(data):
             if not cls.array_api:
                 return _like(cls.decode(to_numpy(data), shape), data)
-            data = data.contiguous().view(-1)
+            data = bitcast(data.contiguous().view(-1), "uint8")
             size = data.numel()
         else:
             data = np.ascontiguousarray(data).view(np.uint8)

@@ -52,7 +52,7 @@ class GGUFStreamWriter:
         self.gguf = gguf.GGUFWriter(self.tmp, arch)
         self._pending: list[TensorPlan] = []
         self._reserved: set[str] = set()
-        self._patches: dict[str, float | str] = {}
+        self._patches: dict[str, str] = {}
         self._began = False
         self._done = False
 
@@ -82,15 +82,12 @@ class GGUFStreamWriter:
         self.gguf.write_tensor_data(data)
 
     def reserve(self, key: str) -> None:
-        """Mark a key (already added with a placeholder value) to be set later with `patch`.
-
-        A numeric key keeps its type; a string key must be patched with a string of the same length.
-        """
+        """Mark a string key (already added with a placeholder) to be set later with `patch`."""
         assert not self._began, "reserve() after begin()"
         self._reserved.add(key)
 
-    def patch(self, values: dict[str, float | str]) -> None:
-        """Set reserved keys; written into the header in place at `commit`."""
+    def patch(self, values: dict[str, str]) -> None:
+        """Set reserved string keys, each to a value of its placeholder's length, in place at `commit`."""
         unknown = set(values) - self._reserved
         assert not unknown, f"patching keys never reserved: {sorted(unknown)}"
         self._patches.update(values)
@@ -99,14 +96,10 @@ class GGUFStreamWriter:
         # same-size values at the offsets gguf-py's reader finds: the layout does not move
         reader = gguf.GGUFReader(self.tmp, "r+")
         for key, value in self._patches.items():
-            field = reader.fields[key]
-            part = field.parts[field.data[0]]
-            if isinstance(value, str):
-                raw = np.frombuffer(value.encode("utf-8"), np.uint8)
-                assert raw.size == part.size, f"{key}: patched string is {raw.size} bytes, not {part.size}"
-                part[:] = raw
-            else:
-                part[0] = value
+            part = reader.fields[key].parts[reader.fields[key].data[0]]
+            raw = np.frombuffer(value.encode("utf-8"), np.uint8)
+            assert raw.size == part.size, f"{key}: patched string is {raw.size} bytes, not {part.size}"
+            part[:] = raw
         reader.data.flush()
         del reader
 
