@@ -107,7 +107,8 @@ def run_child(cmd: list[str]) -> tuple[float, float, str]:
 def perplexity(binary: Path, model: Path, args: argparse.Namespace, base: Path, *, save: bool) -> dict:
     """llama-perplexity on ``model``: saves the KL base (F16) or scores against it."""
     cmd = [str(binary), "-m", str(model), "-f", str(args.text), "-c", "512", "--chunks", str(args.chunks)]
-    cmd += ["-fa", "off", "-t", str(args.threads), "--kl-divergence-base", str(base)]
+    # --no-repack: llama.cpp's repacked (AMX) CPU kernels crash on this machine (see llmq.eval._llama)
+    cmd += ["-fa", "off", "--no-repack", "-t", str(args.threads), "--kl-divergence-base", str(base)]
     if not save:
         cmd.append("--kl-divergence")
     _, secs, out = run_child(cmd)

@@ -282,7 +282,7 @@ def llama_perplexity_report(
     extra_args: Sequence[str] = (),
     timeout: float | None = None,
 ) -> LlamaPerplexityReport:
-    """Run `llama-perplexity -m MODEL -f FILE -c CTX --chunks N -fa on|off` and parse its output.
+    """Run `llama-perplexity -m MODEL -f FILE -c CTX --chunks N -fa on|off --no-repack`, parse its output.
 
     Flash attention is off by default to match llama-cpp-python's context default (the tool's own
     default is "auto", which turns it on for CPU). `threads=None` keeps the tool's default.
@@ -302,6 +302,7 @@ def llama_perplexity_report(
         str(n_chunks),
         "-fa",
         "on" if flash_attn else "off",
+        "--no-repack",  # as llmq's llama-cpp-python runs: repacked AMX kernels crash (llmq.eval._llama)
     ]
     if threads is not None:
         cmd += ["-t", str(threads)]

@@ -66,6 +66,31 @@ def log_tail(lines: deque[tuple[int, str]]) -> str:
     return f"; llama.cpp said: {text}" if text else ""
 
 
+@contextlib.contextmanager
+def no_weight_repacking() -> Iterator[None]:
+    """Load models without llama.cpp's extra CPU buffer types (weight repacking, AMX), as ``-nr``.
+
+    llama.cpp's repacked CPU kernels (`use_extra_bufts`, on by default) crash with a segmentation
+    fault in `llama_decode` on CPUs with AMX (seen with llama-cpp-python 0.3.36 on Sapphire Rapids,
+    for Q4_0, Q4_1, Q8_0 and K-quant files alike); the plain CPU path computes the same quantized dot
+    products. `llama_cpp.Llama` has no argument for it, so the defaults it starts from are changed
+    while one is constructed; `llama-perplexity` gets ``--no-repack`` to match.
+    """
+    module = llama_cpp.llama_cpp
+    defaults = module.llama_model_default_params
+
+    def without_repacking() -> llama_cpp.llama_model_params:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = defaults
+
+
 def default_threads() -> int:
     # The CPUs this process may run on (affinity aware); llama.cpp's CLI counts physical cores.
     if hasattr(os, "sched_getaffinity"):
@@ -92,7 +117,7 @@ def open_llama(
         raise SourceError(f"GGUF file not found: {path}")
     threads_batch = n_threads or default_threads()
     threads = n_threads or max(1, threads_batch // 2)
-    with captured_llama_log() as lines:
+    with captured_llama_log() as lines, no_weight_repacking():
         try:
             return llama_cpp.Llama(
                 str(path),
