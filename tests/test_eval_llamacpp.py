@@ -13,6 +13,7 @@ import pytest
 
 from llmq.errors import LlmqError, OutputExistsError, SourceError
 from llmq.eval import llamacpp
+from llmq.eval._llama import no_weight_repacking
 from llmq.eval.llamacpp import (
     FTYPES,
     greedy_generate,
@@ -108,16 +109,17 @@ def test_perplexity_chunks_start_from_empty_cache(
 ) -> None:
     # Chunk 3 alone in a fresh context through llama-cpp-python's public logits_all path.
     _, kept = ppl_run
-    llm = llama_cpp.Llama(
-        str(smollm2_gguf_path),
-        n_ctx=N_CTX,
-        n_batch=N_CTX,
-        logits_all=True,
-        verbose=False,
-        seed=0,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
-    )
+    with no_weight_repacking():  # as llmq's backend loads it (repacked AMX kernels crash)
+        llm = llama_cpp.Llama(
+            str(smollm2_gguf_path),
+            n_ctx=N_CTX,
+            n_batch=N_CTX,
+            logits_all=True,
+            verbose=False,
+            seed=0,
+            n_threads=THREADS,
+            n_threads_batch=THREADS,
+        )
     try:
         llm.eval(stream[3 * N_CTX : 4 * N_CTX].tolist())
         reference = np.array(llm.scores[FIRST : N_CTX - 1])
@@ -240,3 +242,11 @@ def test_quantize_imatrix_reaches_llama_cpp(smollm2_gguf_path: Path, tmp_path: P
         quantize_with_llama_cpp(
             smollm2_gguf_path, tmp_path / "bad.gguf", "Q4_0", imatrix={"x": np.array([np.nan])}
         )
+
+
+def test_models_load_without_weight_repacking() -> None:
+    # llama.cpp's repacked (AMX) CPU kernels segfault on quantized files on some CPUs: llmq turns them off
+    assert llama_cpp.llama_model_default_params().use_extra_bufts  # llama.cpp's default
+    with no_weight_repacking():
+        assert not llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # restored
