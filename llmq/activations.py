@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .arch import ArchSpec
+
+if TYPE_CHECKING:
+    from .calib import Calibration
+    from .source import Checkpoint
 
 
 class ActivationStore:
@@ -219,6 +223,20 @@ class CalibrationFlow:
         for i in range(len(self.store)):
             self.store.write(i, embed(tokens[i * batch_size : (i + 1) * batch_size], embedding))
         self.runner = LayerRunner(config, arch, device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, calibration: Calibration, ckpt: Checkpoint, arch: ArchSpec, *, device: str | torch.device = "cpu"
+    ) -> CalibrationFlow:
+        """The flow of a calibration's windows through a checkpoint's layers, in its mini-batches."""
+        return cls(
+            calibration.tokens,
+            ckpt.get(arch.embed),
+            ckpt.config,
+            arch,
+            batch_size=calibration.config.batch_size,
+            device=device,
+        )
 
     def capture(self, layer: nn.Module, modules: list[str], *, write_outputs: bool) -> dict[str, InputStats]:
         """Input statistics of ``modules`` over all windows (and, if asked, step the windows through ``layer``)."""

@@ -53,14 +53,7 @@ def compute_imatrix(
     arch = get_arch(ckpt.config, source=str(model_dir / "config.json"))
     plans = plan_tensors(ckpt, arch, QuantConfig(quant="F16"))
     calibration = prepare_calibration(model_dir, calib, progress=progress)
-    flow = CalibrationFlow(
-        calibration.tokens,
-        ckpt.get(arch.embed),
-        ckpt.config,
-        arch,
-        batch_size=calibration.config.batch_size,
-        device=device,
-    )
+    flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
     stream = LayerStream(ckpt, arch)
     out: dict[str, np.ndarray] = {}
     try:

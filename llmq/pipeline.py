@@ -156,14 +156,7 @@ def quantized_tensors(
     if search.needs_activations:
         if calibration is None:
             raise LlmqError(f"--method {search.name} needs calibration data")
-        flow = CalibrationFlow(
-            calibration.tokens,
-            ckpt.get(arch.embed),
-            ckpt.config,
-            arch,
-            batch_size=calibration.config.batch_size,
-            device=device,
-        )
+        flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
     bar = tqdm(total=stream.n_layers, desc=desc, unit="layer", disable=not progress)
     try:
         for index, group_iter in itertools.groupby(plans, key=lambda p: p.layer):
