@@ -25,15 +25,15 @@ if TYPE_CHECKING:
     from .writers import GGUFStreamWriter
 
 AWQ_KEY = "llmq.awq"
-# summary field -> format; every field is fixed width, so the patched string keeps its length
+# summary field -> format; the words are padded to SUMMARY_WIDTH, so the patched string keeps its length
 SUMMARY_FORMATS: dict[str, str] = {
     "loss_ratio": "{:.4f}",
     "alpha_mean": "{:.3f}",
     "clip_mean": "{:.3f}",
     "fallbacks": "{:d}",
-    "seconds": "{:.1f}",
+    "seconds": "{:.0f}",
 }
-SUMMARY_WIDTH = 96
+SUMMARY_WIDTH = 84
 
 
 def awq_settings_text(awq: AWQConfig) -> str:
@@ -54,8 +54,8 @@ def summary_text(reports: list[LayerReport], seconds: float) -> str:
         "seconds": seconds,
     }
     text = " ".join(f"{k}={SUMMARY_FORMATS[k].format(v)}" for k, v in values.items())
-    assert len(text) <= SUMMARY_WIDTH, text
-    return text.ljust(SUMMARY_WIDTH)
+    # never fails at the end of a long run: the fields fit unless it took months (then cut, not lost)
+    return text[:SUMMARY_WIDTH].ljust(SUMMARY_WIDTH)
 
 
 def parse_awq_text(text: str) -> dict[str, str | float]:
@@ -70,6 +70,16 @@ def parse_awq_text(text: str) -> dict[str, str | float]:
     return out
 
 
+def calibration_text(calibration: Calibration) -> str:
+    """``llmq.calib``: source (a file by its name), windows and seed, e.g.
+    ``groups_merged.txt (64 x 512 tokens), seed 0``; the full path is in the report and the card."""
+    n, seqlen = calibration.tokens.shape
+    source = calibration.config.source
+    if os.path.exists(source):
+        source = os.path.basename(source)
+    return f"{source} ({n} x {seqlen} tokens), seed {calibration.config.seed}"
+
+
 def add_search_metadata(
     w: GGUFStreamWriter, cfg: QuantConfig, awq: AWQConfig | None, calibration: Calibration | None
 ) -> None:
@@ -79,7 +89,7 @@ def add_search_metadata(
     if awq is None:
         return
     if calibration is not None:
-        g.add_string("llmq.calib", f"{calibration.description}, seed {calibration.config.seed}")
+        g.add_string("llmq.calib", calibration_text(calibration))
     g.add_string(AWQ_KEY, f"{awq_settings_text(awq)} {' ' * SUMMARY_WIDTH}")
     w.reserve(AWQ_KEY)
 

@@ -161,7 +161,7 @@ def test_awq_report_metadata_and_card(tiny: Path, tmp_path: Path) -> None:
     assert awq["clip_mean"] == pytest.approx(summary["clip_ratio_mean"], abs=1e-3)
     assert awq["loss_ratio"] == pytest.approx(summary["scale_loss_ratio"], abs=1e-4)
     assert awq["fallbacks"] == summary["scale_fallbacks"]
-    assert 0 < awq["seconds"] <= res.seconds + 0.1
+    assert 0 <= awq["seconds"] <= res.seconds + 1  # whole seconds
     card = res.card_path.read_text()
     assert "awq" in card and "self (8 x 64 tokens)" in card
 

@@ -10,9 +10,9 @@ Rows (``--rows``, comma-separated ``METHOD:QUANT``):
   METHOD: ``rtn``, ``awq`` (calibrated on ``--calib``), ``awq-self`` (``--calib self``), ablations
   ``awq-noscale``, ``awq-noclip``, ``awq-noweight``, ``awq-act`` (activation-only scales),
   ``awq-fpin`` (next inputs from the FP layer, AutoAWQ's choice; the default takes them from the
-  quantized layer), and ``imatrix``: llama.cpp's
-  ``llama_model_quantize`` of the F16 file with an importance matrix (mean x^2 per input column)
-  that llmq computes from the same calibration windows.
+  quantized layer), and ``imatrix``: llama.cpp's ``llama-quantize --imatrix FILE`` of the F16 file,
+  FILE an importance matrix (mean x^2 per input column, llama.cpp's GGUF imatrix format) that llmq
+  computes from the same calibration windows.
   ``METHOD@N`` calibrates on N windows instead of ``--samples`` (``awq@32:Q4_0``).
   QUANT: ``Q4_0``, ``Q4_1``, ``g128`` (``--bits 4 --group 128``), ``g128s`` (the same, ``--sym``),
   and llama.cpp's K mixes (``Q4_K_M``, ``Q3_K_M`` ...: the same per-tensor types as llama-quantize).
@@ -75,14 +75,21 @@ METHODS = {
     "awq-act": ["--method", "awq", "--act-scaling"],
     "awq-fpin": ["--method", "awq", "--awq-inputs", "fp"],
 }
+# llama.cpp's route, as its users run it: an importance matrix file (llmq computes it from the same
+# calibration windows; `llama-imatrix` would write the same format), then `llama-quantize --imatrix`,
+# which also records its quantize.imatrix.* provenance keys in the file.
 IMATRIX_CHILD = """
-import sys, llmq
+import subprocess, sys
 from llmq.calib import CalibConfig
 from llmq.imatrix import compute_imatrix
-from llmq.eval import quantize_with_llama_cpp
-model, f16, out, ftype, calib, n, seqlen = sys.argv[1:8]
-imat = compute_imatrix(model, CalibConfig(calib, n_samples=int(n), seqlen=int(seqlen)), progress=False)
-quantize_with_llama_cpp(f16, out, ftype, imatrix=imat, overwrite=True)
+from llmq.imatrix_io import write_imatrix
+quantize, model, f16, out, ftype, calib, n, seqlen = sys.argv[1:9]
+n, seqlen = int(n), int(seqlen)
+imat = compute_imatrix(model, CalibConfig(calib, n_samples=n, seqlen=seqlen), progress=False)
+path = write_imatrix(out + ".imatrix.gguf", imat, n_tokens=n * seqlen, datasets=[calib], chunk_count=n,
+                     chunk_size=seqlen)
+subprocess.run([quantize, "--imatrix", str(path), f16, out, ftype, "2"], check=True, stdout=subprocess.DEVNULL)
+path.unlink()
 """
 _PPL = re.compile(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*(?:±|\+/-)\s*([0-9.]+)")
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+)\s+\+/-\s+([0-9.]+)")
@@ -145,7 +152,8 @@ def row(
     if method == "imatrix":
         if quant not in LLAMA_FTYPES:
             raise SystemExit(f"{spec}: imatrix rows are llama.cpp file types ({', '.join(LLAMA_FTYPES)})")
-        child = [sys.executable, "-c", IMATRIX_CHILD, str(model), str(f16), str(out), quant]
+        quantize = binary.with_name("llama-quantize")  # built beside llama-perplexity
+        child = [sys.executable, "-c", IMATRIX_CHILD, str(quantize), str(model), str(f16), str(out), quant]
         rss, secs, _ = run_child(child + [str(args.calib), str(samples), str(args.seqlen)])
     else:
         cmd = [sys.executable, "-m", "llmq", "convert", str(model), "-o", str(out), "-f", "-q", "--no-card"]
