@@ -12,12 +12,9 @@ internally so each step of a sequential sum is one vector operation. NumPy array
 
 from __future__ import annotations
 
-import numpy as np
-
 from .quants_math import GROUP_MAX_EPS, make_qkx3_quants, seq_sum
 from .xp import Array, array_namespace, bitcast, const, contiguous, device, errstate, take_rows
 
-_F32 = np.float32
 # Sub-blocks per chunk of temporaries, so a search's scratch stays cache-sized.
 _CHUNK_VALUES = 1 << 17
 
