@@ -54,6 +54,9 @@ class AWQConfig:
         inputs: what the next layer's calibration inputs come from: ``quant`` (outputs of the layer
             as quantized, the default: lower perplexity and KL on SmolLM2, see BENCHMARKS.md) or
             ``fp`` (the FP layer's outputs, as AutoAWQ; one forward pass per layer fewer).
+        prev_error: when the scales fold into a previous linear (``up -> down``), also score that
+            linear's own quantization error with its rows divided by ``s`` (AutoAWQ scores only the
+            readers, though the folded rows are quantized too).
     """
 
     n_grid: int = 20
@@ -64,6 +67,7 @@ class AWQConfig:
     max_shrink: float = 0.5
     weighted: bool = True
     inputs: str = "quant"
+    prev_error: bool = False
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -213,7 +217,9 @@ class AWQSearch:
                     {"prev": group.prev, "skipped": "output width differs (grouped-query attention)"}
                 )
                 continue
-            s, info = self._search_scales(group, linears, st, targets)
+            s, info = self._search_scales(
+                group, linears, st, targets, self._prev_term(group, layer, stats, targets, arch)
+            )
             scale_info.append(info)
             if s is not None:
                 fold_scales(prev, linears, s, norm_offset=arch.norm_offset if _is_norm(prev) else 0.0)
@@ -237,8 +243,29 @@ class AWQSearch:
         }
         return report
 
+    def _prev_term(
+        self,
+        group: ScaleGroup,
+        layer: nn.Module,
+        stats: dict[str, InputStats],
+        targets: dict[str, Target],
+        arch: ArchSpec,
+    ) -> tuple[torch.Tensor, Target, torch.Tensor, np.ndarray | None] | None:
+        """With ``prev_error``: the previous linear's weight, target, input Gram and importance."""
+        owner = next((g for g in arch.scale_groups if group.prev in g.linears), None)
+        if not self.config.prev_error or group.prev not in targets or owner is None:
+            return None
+        st = stats[owner.linears[0]]  # its input, as already rescaled by its own group's fold
+        imp = st.mean_sq if self.config.weighted else None
+        return layer.get_submodule(group.prev).weight.data, targets[group.prev], st.mean_gram, imp
+
     def _search_scales(
-        self, group: ScaleGroup, linears: list[nn.Module], st: InputStats, targets: dict[str, Target]
+        self,
+        group: ScaleGroup,
+        linears: list[nn.Module],
+        st: InputStats,
+        targets: dict[str, Target],
+        prev: tuple[torch.Tensor, Target, torch.Tensor, np.ndarray | None] | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, Any]]:
         cfg = self.config
         ws = [m.weight.data for m in linears]
@@ -246,7 +273,7 @@ class AWQSearch:
         gram = st.mean_gram
         mean_sq = st.mean_sq
         x_mean = st.mean_abs
-        n_out = sum(w.shape[0] for w in ws)
+        n_out = sum(w.shape[0] for w in ws) + (prev[0].shape[0] if prev is not None else 0)
 
         def loss(s: torch.Tensor | None) -> float:
             total = 0.0
@@ -259,6 +286,11 @@ class AWQSearch:
                 if s is not None:
                     q = q / s
                 total += output_error(w - q, gram)
+            if prev is not None:  # the folded rows W_prev / s, quantized, back in W_prev's units
+                wp, tp, gp, impp = prev
+                wps = wp if s is None else wp / s[:, None]
+                qp = torch.from_numpy(tp.fake_quant(wps.numpy(), impp))
+                total += output_error(wp - (qp if s is None else qp * s[:, None]), gp)
             return total / n_out
 
         base = loss(None)

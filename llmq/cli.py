@@ -54,6 +54,7 @@ def _convert(args: argparse.Namespace) -> int:
         clip=not args.no_clip,
         weighted=not args.no_weighting,
         inputs=args.awq_inputs,
+        prev_error=args.awq_prev_error,
     )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
@@ -217,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--act-scaling", action="store_true", help="activation-only scales mean|x|^a (default: duo)"
+    )
+    a.add_argument(
+        "--awq-prev-error",
+        action="store_true",
+        help="also score the quantization error of the linear a scale folds into (up_proj for up -> down)",
     )
     a.add_argument("--no-scale", action="store_true", help="skip the scale search")
     a.add_argument("--no-clip", action="store_true", help="skip the clip search")

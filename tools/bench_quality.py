@@ -74,6 +74,7 @@ METHODS = {
     "awq-noweight": ["--method", "awq", "--no-weighting"],
     "awq-act": ["--method", "awq", "--act-scaling"],
     "awq-fpin": ["--method", "awq", "--awq-inputs", "fp"],
+    "awq-prev": ["--method", "awq", "--awq-prev-error"],
 }
 # llama.cpp's route, as its users run it: an importance matrix file (llmq computes it from the same
 # calibration windows; `llama-imatrix` would write the same format), then `llama-quantize --imatrix`,
