@@ -289,3 +289,51 @@ def test_block_errors_match_a_loop_over_groups() -> None:
         bounds = group_bounds(160, group)
         want = torch.stack([((e[:, a:b] @ gram[a:b, a:b]) * e[:, a:b]).sum(1) for a, b in bounds], 1)
         torch.testing.assert_close(block_errors(e, gram, bounds), want, rtol=1e-5, atol=1e-6)
+
+
+def test_prev_error_scores_the_folded_linear_too() -> None:
+    """With prev_error the up -> down loss adds up_proj's own error (rows / s, quantized, times s)."""
+    gen = torch.Generator().manual_seed(5)
+    up, down = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 48, bias=False)
+    with torch.no_grad():
+        up.weight.copy_(torch.randn(96, 64, generator=gen))
+        down.weight.copy_(torch.randn(48, 96, generator=gen))
+    st_up, st_down = llmq.activations.InputStats(64), llmq.activations.InputStats(96)
+    st_up.add(torch.randn(256, 64, generator=gen))
+    st_down.add(torch.randn(256, 96, generator=gen) * torch.linspace(0.1, 5.0, 96))  # outlier channels
+    t = Target("Q4_0", 32)
+    group = llmq.ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp")
+    prev = (up.weight.data, t, st_up.mean_gram, st_up.mean_sq)
+    search = AWQSearch(AWQConfig(n_grid=10))
+    _, plain = search._search_scales(group, [down], st_down, {"mlp.down_proj": t})
+    s, info = search._search_scales(group, [down], st_down, {"mlp.down_proj": t}, prev)
+
+    def err(w: torch.Tensor, st: llmq.activations.InputStats) -> float:
+        return output_error(w - torch.from_numpy(t.fake_quant(w.numpy(), st.mean_sq)), st.mean_gram)
+
+    e_down, e_up = err(down.weight.data, st_down), err(up.weight.data, st_up)
+    assert plain["loss_before"] == pytest.approx(e_down / 48, rel=1e-6)
+    assert info["loss_before"] == pytest.approx((e_down + e_up) / (48 + 96), rel=1e-6)
+    assert info["loss_after"] <= info["loss_before"]
+    if s is not None:  # the scored loss of the kept scales includes up's error with its rows divided by s
+        q_up = torch.from_numpy(t.fake_quant((up.weight.data / s[:, None]).numpy(), st_up.mean_sq))
+        e_up_s = output_error(up.weight.data - q_up * s[:, None], st_up.mean_gram)
+        assert e_up_s <= info["loss_after"] * (48 + 96) * (1 + 1e-6)
+
+
+def test_prev_term_is_the_linear_a_scale_folds_into(tiny: Path) -> None:
+    ckpt, arch, layer, flow = _layer_and_flow(tiny)
+    targets = _targets(layer, arch)
+    stats = flow.capture(layer, AWQSearch().capture_modules(arch), write_outputs=False)
+    on, off = AWQSearch(AWQConfig(prev_error=True)), AWQSearch(AWQConfig())
+    for group in arch.scale_groups:
+        term = on._prev_term(group, layer, stats, targets, arch)
+        assert off._prev_term(group, layer, stats, targets, arch) is None
+        if group.prev == "mlp.up_proj":  # up -> down: up_proj's weight, with the gate/up input's statistics
+            w, t, gram, imp = term
+            assert w.data_ptr() == layer.get_submodule("mlp.up_proj").weight.data_ptr()
+            assert t is targets["mlp.up_proj"]
+            torch.testing.assert_close(gram, stats["mlp.gate_proj"].mean_gram)
+        elif group.prev.endswith("norm"):
+            assert term is None
+    flow.close()
