@@ -14,8 +14,9 @@ from tiny_models import logit_kl, make_tiny_llama
 
 import llmq
 from llmq.activations import CalibrationFlow
-from llmq.awq import AWQConfig, AWQSearch, Target, clip_search, fold_scales, group_bounds, output_error
+from llmq.awq import AWQConfig, AWQSearch, Target, fold_scales
 from llmq.calib import CalibConfig
+from llmq.clip import clip_search, group_bounds, output_error
 from llmq.report import parse_awq_text
 
 SMALL_CALIB = CalibConfig("self", n_samples=8, seqlen=64, batch_size=4)
@@ -279,7 +280,7 @@ def test_cli_awq_offline_with_self_calibration(
 
 
 def test_block_errors_match_a_loop_over_groups() -> None:
-    from llmq.awq import block_errors
+    from llmq.clip import block_errors
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(300, 160, generator=gen)

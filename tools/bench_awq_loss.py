@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from llmq.awq import output_error
+from llmq.clip import output_error
 
 SHAPES = {
     "q,k,v (960 x 576)": (960, 576),
