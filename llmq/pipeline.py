@@ -351,9 +351,8 @@ def convert(
             imatrix=imat.entries if imat is not None else None,
         ):
             w.write(p, data)
-        seconds = time.perf_counter() - t0
         if search.needs_activations:
-            w.patch(search_summary(awq, reports, seconds))
+            w.patch(search_summary(awq, calibration, reports))
         w.commit()
 
     result = ConvertResult(

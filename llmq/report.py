@@ -1,10 +1,12 @@
 """What a search reports: ``llmq.*`` GGUF metadata, the per-layer JSON report, and their summary.
 
-The GGUF keeps a compact summary, three strings (``llmq.method``, ``llmq.calib``, ``llmq.awq``), so
-that its header is no larger than the ``quantize.imatrix.*`` keys llama-quantize adds to an
-importance-matrix quant; every figure is in ``OUT.search.json``. The search's figures are known only
-once every layer is done, after the header is written: ``llmq.awq`` is written with a fixed-width
-blank tail and patched in place before the file is renamed, so the file is still one streaming pass.
+An AWQ file keeps one compact string, ``llmq.awq`` (calibration, settings, summary figures); other
+files keep ``llmq.method``. Every figure is in ``OUT.search.json``. The string is kept short on
+purpose: with its key it is smaller than the four ``quantize.imatrix.*`` keys llama-quantize adds to
+an importance-matrix quant of the same calibration file, whatever the file names (`provenance_bytes`),
+so an llmq AWQ file is no larger than llama.cpp's quant of the same types. The search's figures are
+known only once every layer is done, after the header is written: ``llmq.awq`` is written with a
+fixed-width blank tail and patched in place before the file is renamed (one streaming pass).
 """
 
 from __future__ import annotations
@@ -29,11 +31,10 @@ AWQ_KEY = "llmq.awq"
 SUMMARY_FORMATS: dict[str, str] = {
     "loss_ratio": "{:.4f}",
     "alpha_mean": "{:.3f}",
-    "clip_mean": "{:.3f}",
+    "clip_mean": "{:.4f}",
     "fallbacks": "{:d}",
-    "seconds": "{:.0f}",
 }
-SUMMARY_WIDTH = 84
+SUMMARY_WIDTH = 66
 
 
 def awq_settings_text(awq: AWQConfig) -> str:
@@ -43,7 +44,7 @@ def awq_settings_text(awq: AWQConfig) -> str:
     return f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
 
 
-def summary_text(reports: list[LayerReport], seconds: float) -> str:
+def summary_text(reports: list[LayerReport]) -> str:
     """The finished search's figures as ``key=value`` words, padded to `SUMMARY_WIDTH`."""
     s = summarize(reports)
     values = {
@@ -51,10 +52,10 @@ def summary_text(reports: list[LayerReport], seconds: float) -> str:
         "alpha_mean": s["alpha_mean"],
         "clip_mean": s["clip_ratio_mean"],
         "fallbacks": int(s["scale_fallbacks"]),
-        "seconds": seconds,
     }
     text = " ".join(f"{k}={SUMMARY_FORMATS[k].format(v)}" for k, v in values.items())
-    # never fails at the end of a long run: the fields fit unless it took months (then cut, not lost)
+    # never fails at the end of a long run: the fields fit (a fallback count of 10^4 is cut, not lost:
+    # the report has it)
     return text[:SUMMARY_WIDTH].ljust(SUMMARY_WIDTH)
 
 
@@ -70,33 +71,47 @@ def parse_awq_text(text: str) -> dict[str, str | float]:
     return out
 
 
-def calibration_text(calibration: Calibration) -> str:
-    """``llmq.calib``: source (a file by its name), windows and seed, e.g.
-    ``groups_merged.txt (64 x 512 tokens), seed 0``; the full path is in the report and the card."""
+def calibration_words(calibration: Calibration) -> str:
+    """Source (a file by its name, blanks as ``_``), windows and seed, e.g.
+    ``calib=groups_merged.txt samples=64x512 seed=0``; the full path is in the report and the card."""
     n, seqlen = calibration.tokens.shape
     source = calibration.config.source
     if os.path.exists(source):
         source = os.path.basename(source)
-    return f"{source} ({n} x {seqlen} tokens), seed {calibration.config.seed}"
+    source = "_".join(source.split()) or "_"
+    return f"calib={source} samples={n}x{seqlen} seed={calibration.config.seed}"
+
+
+def awq_head(awq: AWQConfig, calibration: Calibration | None) -> str:
+    """``llmq.awq`` up to its summary: calibration (if any) and settings."""
+    settings = awq_settings_text(awq)
+    return settings if calibration is None else f"{calibration_words(calibration)} {settings}"
+
+
+def kv_bytes(key: str, value: str | int) -> int:
+    """Bytes one GGUF key-value pair takes: key (u64 length + UTF-8), type (u32), then a string
+    (u64 length + UTF-8) or a u32. For comparing provenance keys across files."""
+    head = 8 + len(key.encode()) + 4
+    return head + (8 + len(value.encode()) if isinstance(value, str) else 4)
 
 
 def add_search_metadata(
     w: GGUFStreamWriter, cfg: QuantConfig, awq: AWQConfig | None, calibration: Calibration | None
 ) -> None:
-    """``llmq.method`` always; for AWQ the calibration, the settings and a blank summary to patch."""
+    """AWQ: ``llmq.awq`` with a blank summary to patch; other methods: ``llmq.method``."""
     g = w.gguf
-    g.add_string("llmq.method", cfg.method)
     if awq is None:
+        g.add_string("llmq.method", cfg.method)
         return
-    if calibration is not None:
-        g.add_string("llmq.calib", calibration_text(calibration))
-    g.add_string(AWQ_KEY, f"{awq_settings_text(awq)} {' ' * SUMMARY_WIDTH}")
+    g.add_string(AWQ_KEY, f"{awq_head(awq, calibration)} {' ' * SUMMARY_WIDTH}")
     w.reserve(AWQ_KEY)
 
 
-def search_summary(awq: AWQConfig, reports: list[LayerReport], seconds: float) -> dict[str, str]:
+def search_summary(
+    awq: AWQConfig, calibration: Calibration | None, reports: list[LayerReport]
+) -> dict[str, str]:
     """The patched value of ``llmq.awq`` for a finished search (same length as the placeholder)."""
-    return {AWQ_KEY: f"{awq_settings_text(awq)} {summary_text(reports, seconds)}"}
+    return {AWQ_KEY: f"{awq_head(awq, calibration)} {summary_text(reports)}"}
 
 
 def report_dict(result: ConvertResult, cfg: QuantConfig, awq: AWQConfig) -> dict[str, Any]:

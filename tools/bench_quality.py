@@ -10,8 +10,9 @@ Rows (``--rows``, comma-separated ``METHOD:QUANT``):
   METHOD: ``rtn``, ``awq`` (calibrated on ``--calib``), ``awq-self`` (``--calib self``), ablations
   ``awq-noscale``, ``awq-noclip``, ``awq-noweight``, ``awq-act`` (activation-only scales),
   ``awq-fpin`` (next inputs from the FP layer, AutoAWQ's choice; the default takes them from the
-  quantized layer), and ``imatrix``: llama.cpp's ``llama-quantize --imatrix FILE`` of the F16 file,
-  FILE an importance matrix (mean x^2 per input column, llama.cpp's GGUF imatrix format) that llmq
+  quantized layer), ``awq-fpin-noclip`` (both), ``awq-prev`` (``--awq-prev-error``), and
+  ``imatrix``: llama.cpp's ``llama-quantize --imatrix FILE`` of the F16 file, FILE an importance
+  matrix (mean x^2 per input column, llama.cpp's GGUF imatrix format) that llmq
   computes from the same calibration windows.
   ``METHOD@N`` calibrates on N windows instead of ``--samples`` (``awq@32:Q4_0``).
   QUANT: ``Q4_0``, ``Q4_1``, ``g128`` (``--bits 4 --group 128``), ``g128s`` (the same, ``--sym``),
@@ -74,6 +75,7 @@ METHODS = {
     "awq-noweight": ["--method", "awq", "--no-weighting"],
     "awq-act": ["--method", "awq", "--act-scaling"],
     "awq-fpin": ["--method", "awq", "--awq-inputs", "fp"],
+    "awq-fpin-noclip": ["--method", "awq", "--awq-inputs", "fp", "--no-clip"],
     "awq-prev": ["--method", "awq", "--awq-prev-error"],
 }
 # llama.cpp's route, as its users run it: an importance matrix file (llmq computes it from the same
