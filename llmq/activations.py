@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
+from .errors import LlmqError
 
 if TYPE_CHECKING:
     from .calib import Calibration
@@ -120,16 +121,33 @@ class InputStats:
         n: tokens seen.
     """
 
-    def __init__(self, channels: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, channels: int, device: str | torch.device = "cpu", *, halves: bool = False) -> None:
         self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
+        # with halves: the Gram of the even-numbered mini-batches too, for a held-out check
+        self.gram_even = torch.zeros_like(self.gram) if halves else None
+        self.n_even = 0
+        self._batches = 0
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.gram += (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
+        g = (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
+        self.gram += g
+        if self.gram_even is not None and self._batches % 2 == 0:
+            self.gram_even += g
+            self.n_even += x2.shape[0]
+        self._batches += 1
         self.abs_sum += x2.abs().sum(0).double()
         self.n += x2.shape[0]
+
+    def gram_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G`` over the even- and over the odd-numbered mini-batches (float32), for ``halves`` stats."""
+        if self.gram_even is None or self.n_even in (0, self.n):
+            raise LlmqError("a held-out check needs halves=True statistics of at least two mini-batches")
+        even = self.gram_even / self.n_even
+        odd = (self.gram - self.gram_even) / (self.n - self.n_even)
+        return even.float().cpu(), odd.float().cpu()
 
     @property
     def mean_gram(self) -> torch.Tensor:
@@ -149,6 +167,8 @@ class InputStats:
         """Statistics of ``x / s``: what the linear sees once ``s`` is folded into the op before it."""
         s64 = s.double().to(self.gram.device)
         self.gram /= s64[:, None] * s64[None, :]
+        if self.gram_even is not None:
+            self.gram_even /= s64[:, None] * s64[None, :]
         self.abs_sum /= s64
 
 
@@ -159,6 +179,7 @@ def capture_inputs(
     runner: LayerRunner,
     *,
     write_outputs: bool,
+    halves: bool = False,
 ) -> dict[str, InputStats]:
     """Run every stored mini-batch through ``layer``, accumulating input statistics of ``modules``.
 
@@ -176,7 +197,7 @@ def capture_inputs(
     hooks = []
     for name in modules:
         module = layer.get_submodule(name)
-        stats[name] = InputStats(module.weight.shape[1], runner.device)
+        stats[name] = InputStats(module.weight.shape[1], runner.device, halves=halves)
         hooks.append(module.register_forward_pre_hook(lambda _m, args, st=stats[name]: st.add(args[0])))
     try:
         for i in range(len(store)):
@@ -238,10 +259,17 @@ class CalibrationFlow:
             device=device,
         )
 
-    def capture(self, layer: nn.Module, modules: list[str], *, write_outputs: bool) -> dict[str, InputStats]:
+    def capture(
+        self, layer: nn.Module, modules: list[str], *, write_outputs: bool, halves: bool = False
+    ) -> dict[str, InputStats]:
         """Input statistics of ``modules`` over all windows (and, if asked, step the windows through ``layer``)."""
         stats = capture_inputs(
-            layer.to(self.runner.device), modules, self.store, self.runner, write_outputs=write_outputs
+            layer.to(self.runner.device),
+            modules,
+            self.store,
+            self.runner,
+            write_outputs=write_outputs,
+            halves=halves,
         )
         layer.to("cpu")  # the search and the codecs work on CPU tensors
         return stats

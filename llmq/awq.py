@@ -56,6 +56,9 @@ class AWQConfig:
         prev_error: when the scales fold into a previous linear (``up -> down``), also score that
             linear's own quantization error with its rows divided by ``s`` (AutoAWQ scores only the
             readers, though the folded rows are quantized too).
+        holdout: choose each group's scales on the even-numbered calibration mini-batches and keep
+            them only if they also lower the loss on the odd-numbered ones (a guard against scales
+            that fit the calibration windows only); the clip search still uses all windows.
     """
 
     n_grid: int = 20
@@ -67,6 +70,7 @@ class AWQConfig:
     weighted: bool = True
     inputs: str = "quant"
     prev_error: bool = False
+    holdout: bool = False
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -248,8 +252,11 @@ class AWQSearch:
         x_mean = st.mean_abs
         n_out = sum(w.shape[0] for w in ws) + (prev[0].shape[0] if prev is not None else 0)
 
-        def loss(s: torch.Tensor | None) -> float:
-            total = 0.0
+        # with holdout: choose on the even mini-batches' Gram, check on the odd ones'
+        grams = list(st.gram_halves()) if cfg.holdout else [gram]
+
+        def losses(s: torch.Tensor | None) -> list[float]:
+            totals = [0.0] * len(grams)
             imp = None
             if cfg.weighted:
                 imp = mean_sq if s is None else mean_sq / (s.numpy() ** 2)
@@ -258,25 +265,29 @@ class AWQSearch:
                 q = torch.from_numpy(t.fake_quant(ws_.numpy(), imp))
                 if s is not None:
                     q = q / s
-                total += output_error(w - q, gram)
+                for i, g in enumerate(grams):
+                    totals[i] += output_error(w - q, g)
             if prev is not None:  # the folded rows W_prev / s, quantized, back in W_prev's units
                 wp, tp, gp, impp = prev
                 wps = wp if s is None else wp / s[:, None]
                 qp = torch.from_numpy(tp.fake_quant(wps.numpy(), impp))
-                total += output_error(wp - (qp if s is None else qp * s[:, None]), gp)
-            return total / n_out
+                e = output_error(wp - (qp if s is None else qp * s[:, None]), gp)
+                totals = [v + e for v in totals]
+            return [v / n_out for v in totals]
 
-        base = loss(None)
+        base_all = losses(None)
+        base = base_all[0]
         w_mean = _weight_mean(ws, ts[0].group if not ts[0].is_float else -1)
         best, best_alpha, best_s = base, None, None
         alphas = [i / cfg.n_grid for i in range(cfg.n_grid)]
         candidates = [_scales(x_mean, w_mean, a, cfg.duo_scaling) for a in alphas]
         # grid points are independent; NumPy's codecs release the GIL, so two threads use two cores
         with ThreadPoolExecutor(max_workers=THREADS) as pool:
-            values = list(pool.map(loss, candidates))
-        for alpha, s, value in zip(alphas, candidates, values, strict=True):
-            if value < best:  # strict: the first (lowest alpha) of equal losses wins, deterministically
-                best, best_alpha, best_s = value, alpha, s
+            all_values = list(pool.map(losses, candidates))
+        best_held = base_all[-1]
+        for alpha, s, values in zip(alphas, candidates, all_values, strict=True):
+            if values[0] < best:  # strict: the first (lowest alpha) of equal losses wins, deterministically
+                best, best_alpha, best_s, best_held = values[0], alpha, s, values[-1]
         info: dict[str, Any] = {
             "prev": group.prev,
             "linears": list(group.linears),
@@ -284,6 +295,16 @@ class AWQSearch:
             "loss_after": best,
             "alpha": best_alpha,
         }
+        if cfg.holdout:
+            info["heldout_before"], info["heldout_after"] = base_all[-1], best_held
+            if best_s is not None and not best_held < base_all[-1]:
+                log.info(
+                    "%s: alpha %.2f fails on the held-out windows; keeping the weights",
+                    group.prev,
+                    best_alpha,
+                )
+                info.update(loss_after=base, alpha=None, rejected_alpha=best_alpha)
+                best_s = None
         if best_s is None:
             log.info("%s: no scale beats the unscaled weights (loss %.4g); keeping them", group.prev, base)
             info["fallback"] = True

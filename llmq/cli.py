@@ -55,6 +55,7 @@ def _convert(args: argparse.Namespace) -> int:
         weighted=not args.no_weighting,
         inputs=args.awq_inputs,
         prev_error=args.awq_prev_error,
+        holdout=args.awq_holdout,
     )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
@@ -223,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--awq-prev-error",
         action="store_true",
         help="also score the quantization error of the linear a scale folds into (up_proj for up -> down)",
+    )
+    a.add_argument(
+        "--awq-holdout",
+        action="store_true",
+        help="choose scales on half the calibration mini-batches, keep them only if the other half agrees",
     )
     a.add_argument("--no-scale", action="store_true", help="skip the scale search")
     a.add_argument("--no-clip", action="store_true", help="skip the clip search")

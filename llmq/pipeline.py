@@ -176,7 +176,12 @@ def quantized_tensors(
             targets = layer_targets(group, arch)
             stats = None
             if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
-                stats = flow.capture(layer, search.capture_modules(arch), write_outputs=inputs == "fp")
+                stats = flow.capture(
+                    layer,
+                    search.capture_modules(arch),
+                    write_outputs=inputs == "fp",
+                    halves=awq is not None and awq.holdout,
+                )
             report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
             params = layer.state_dict()
             prefix = arch.layer_prefix.format(i=index)

@@ -41,7 +41,8 @@ def awq_settings_text(awq: AWQConfig) -> str:
     """The search settings as ``key=value`` words (the head of ``llmq.awq``)."""
     scale = ("duo" if awq.duo_scaling else "act") if awq.scale else "off"
     onoff = lambda b: "on" if b else "off"  # noqa: E731
-    return f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
+    text = f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
+    return text + (" holdout=on" if awq.holdout else "")
 
 
 def summary_text(reports: list[LayerReport]) -> str:

@@ -364,3 +364,53 @@ def test_prev_term_is_the_linear_a_scale_folds_into(tiny: Path) -> None:
         elif group.prev.endswith("norm"):
             assert term is None
     flow.close()
+
+
+def _holdout_case(odd_outliers: bool) -> tuple[torch.nn.Linear, llmq.activations.InputStats]:
+    # even mini-batches have outlier channels; the odd ones have them too, or not at all
+    gen = torch.Generator().manual_seed(11)
+    down = torch.nn.Linear(96, 48, bias=False)
+    with torch.no_grad():
+        down.weight.copy_(torch.randn(48, 96, generator=gen))
+    st = llmq.activations.InputStats(96, halves=True)
+    ramp = torch.linspace(0.1, 5.0, 96)
+    for i in range(4):
+        x = torch.randn(128, 96, generator=gen)
+        st.add(x * ramp if i % 2 == 0 or odd_outliers else x)
+    return down, st
+
+
+@pytest.mark.parametrize("odd_outliers", [True, False])
+def test_holdout_keeps_scales_only_when_the_other_half_agrees(odd_outliers: bool) -> None:
+    down, st = _holdout_case(odd_outliers)
+    even, odd = st.gram_halves()
+    torch.testing.assert_close((even + odd) / 2, st.mean_gram, rtol=1e-5, atol=1e-5)  # equal halves
+    t = {"mlp.down_proj": Target("Q4_0", 32)}
+    group = llmq.ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp")
+    s, info = AWQSearch(AWQConfig(n_grid=10, holdout=True))._search_scales(group, [down], st, t)
+    w = down.weight.data
+
+    def loss(gram: torch.Tensor, scale: torch.Tensor | None) -> float:  # recomputed independently
+        ws = w if scale is None else w * scale
+        q = torch.from_numpy(
+            t["mlp.down_proj"].fake_quant(
+                ws.numpy(), st.mean_sq if scale is None else st.mean_sq / scale.numpy() ** 2
+            )
+        )
+        return output_error(w - (q if scale is None else q / scale), gram) / 48
+
+    assert info["loss_before"] == pytest.approx(loss(even, None), rel=1e-5)  # chosen on the even half
+    assert info["heldout_before"] == pytest.approx(loss(odd, None), rel=1e-5)
+    if odd_outliers:  # the same statistics on both halves: the scale holds and is kept
+        assert s is not None and info["heldout_after"] < info["heldout_before"]
+        assert info["heldout_after"] == pytest.approx(loss(odd, s), rel=1e-5)
+    else:  # scales fit to outliers the odd half never shows: rejected, weights kept
+        assert s is None and info["fallback"] and info["rejected_alpha"] > 0
+        assert info["heldout_after"] >= info["heldout_before"] and info["loss_after"] == info["loss_before"]
+
+
+def test_holdout_needs_halves() -> None:
+    st = llmq.activations.InputStats(8)
+    st.add(torch.ones(4, 8))
+    with pytest.raises(llmq.LlmqError, match="held-out"):
+        st.gram_halves()

@@ -77,6 +77,7 @@ METHODS = {
     "awq-fpin": ["--method", "awq", "--awq-inputs", "fp"],
     "awq-fpin-noclip": ["--method", "awq", "--awq-inputs", "fp", "--no-clip"],
     "awq-prev": ["--method", "awq", "--awq-prev-error"],
+    "awq-holdout": ["--method", "awq", "--awq-holdout"],
 }
 # llama.cpp's route, as its users run it: an importance matrix file (llmq computes it from the same
 # calibration windows; `llama-imatrix` would write the same format), then `llama-quantize --imatrix`,
