@@ -156,6 +156,11 @@ def quantized_tensors(
     if search.needs_activations:
         if calibration is None:
             raise LlmqError(f"--method {search.name} needs calibration data")
+        if awq is not None and awq.holdout and len(calibration.tokens) <= calibration.config.batch_size:
+            raise LlmqError(
+                f"--awq-holdout needs at least two calibration mini-batches: {len(calibration.tokens)} "
+                f"windows with --calib-batch {calibration.config.batch_size} make one"
+            )
         flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
     bar = tqdm(total=stream.n_layers, desc=desc, unit="layer", disable=not progress)
     try:

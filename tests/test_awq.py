@@ -409,8 +409,19 @@ def test_holdout_keeps_scales_only_when_the_other_half_agrees(odd_outliers: bool
         assert info["heldout_after"] >= info["heldout_before"] and info["loss_after"] == info["loss_before"]
 
 
-def test_holdout_needs_halves() -> None:
+def test_holdout_needs_halves(tiny: Path, tmp_path: Path) -> None:
     st = llmq.activations.InputStats(8)
     st.add(torch.ones(4, 8))
     with pytest.raises(llmq.LlmqError, match="held-out"):
         st.gram_halves()
+    one_batch = CalibConfig("self", n_samples=4, seqlen=32, batch_size=4)
+    with pytest.raises(llmq.LlmqError, match="at least two calibration mini-batches"):
+        llmq.convert(
+            tiny,
+            tmp_path / "h.gguf",
+            llmq.QuantConfig(quant="Q4_0"),
+            calib=one_batch,
+            awq=AWQConfig(holdout=True),
+            progress=False,
+        )
+    assert not (tmp_path / "h.gguf").exists()
