@@ -56,9 +56,11 @@ class AWQConfig:
         prev_error: when the scales fold into a previous linear (``up -> down``), also score that
             linear's own quantization error with its rows divided by ``s`` (AutoAWQ scores only the
             readers, though the folded rows are quantized too).
-        holdout: choose each group's scales on the even-numbered calibration mini-batches and keep
-            them only if they also lower the loss on the odd-numbered ones (a guard against scales
-            that fit the calibration windows only); the clip search still uses all windows.
+        holdout: rank the scale candidates (built from all windows' mean |x|) on the even-numbered
+            calibration mini-batches and keep the best only if it also lowers the loss on the
+            odd-numbered ones (a guard against scales that fit the calibration windows only); the
+            report's ``loss_*`` are then the even half's, ``heldout_*`` the odd half's. The clip
+            search still uses all windows.
     """
 
     n_grid: int = 20
