@@ -249,13 +249,12 @@ class AWQSearch:
         cfg = self.config
         ws = [m.weight.data for m in linears]
         ts = [targets[n] for n in group.linears]
-        gram = st.mean_gram
         mean_sq = st.mean_sq
         x_mean = st.mean_abs
         n_out = sum(w.shape[0] for w in ws) + (prev[0].shape[0] if prev is not None else 0)
 
         # with holdout: choose on the even mini-batches' Gram, check on the odd ones'
-        grams = list(st.gram_halves()) if cfg.holdout else [gram]
+        grams = list(st.gram_halves()) if cfg.holdout else [st.mean_gram]
 
         def losses(s: torch.Tensor | None) -> list[float]:
             totals = [0.0] * len(grams)

@@ -151,12 +151,13 @@ def quantized_tensors(
     """
     imatrix = imatrix or {}
     stream = LayerStream(ckpt, arch)
-    inputs = (awq or AWQConfig()).inputs
+    awq = awq or AWQConfig()
+    inputs = awq.inputs
     flow = None
     if search.needs_activations:
         if calibration is None:
             raise LlmqError(f"--method {search.name} needs calibration data")
-        if awq is not None and awq.holdout and len(calibration.tokens) <= calibration.config.batch_size:
+        if awq.holdout and len(calibration.tokens) <= calibration.config.batch_size:
             raise LlmqError(
                 f"--awq-holdout needs at least two calibration mini-batches: {len(calibration.tokens)} "
                 f"windows with --calib-batch {calibration.config.batch_size} make one"
@@ -185,7 +186,7 @@ def quantized_tensors(
                     layer,
                     search.capture_modules(arch),
                     write_outputs=inputs == "fp",
-                    halves=awq is not None and awq.holdout,
+                    halves=awq.holdout,
                 )
             report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
             params = layer.state_dict()

@@ -3,7 +3,7 @@
 An AWQ file keeps one compact string, ``llmq.awq`` (calibration, settings, summary figures); other
 files keep ``llmq.method``. Every figure is in ``OUT.search.json``. The string is kept short on
 purpose: with its key it is smaller than the four ``quantize.imatrix.*`` keys llama-quantize adds to
-an importance-matrix quant of the same calibration file, whatever the file names (`provenance_bytes`),
+an importance-matrix quant of the same calibration file, whatever the file names (`kv_bytes`),
 so an llmq AWQ file is no larger than llama.cpp's quant of the same types. The search's figures are
 known only once every layer is done, after the header is written: ``llmq.awq`` is written with a
 fixed-width blank tail and patched in place before the file is renamed (one streaming pass).
