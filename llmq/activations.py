@@ -121,7 +121,16 @@ class InputStats:
         n: tokens seen.
     """
 
-    def __init__(self, channels: int, device: str | torch.device = "cpu", *, halves: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        device: str | torch.device = "cpu",
+        *,
+        halves: bool = False,
+        skip_first: int = 0,
+    ) -> None:
+        # skip_first: leading positions of every (batch, seq, C) window left out (attention sinks)
+        self.skip_first = skip_first
         self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
@@ -131,6 +140,9 @@ class InputStats:
         self._batches = 0
 
     def add(self, x: torch.Tensor) -> None:
+        if self.skip_first:
+            assert x.dim() == 3, "skip_first needs (batch, seq, channels) inputs"
+            x = x[:, self.skip_first :]
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         g = (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
         self.gram += g
@@ -180,6 +192,7 @@ def capture_inputs(
     *,
     write_outputs: bool,
     halves: bool = False,
+    skip_first: int = 0,
 ) -> dict[str, InputStats]:
     """Run every stored mini-batch through ``layer``, accumulating input statistics of ``modules``.
 
@@ -189,6 +202,8 @@ def capture_inputs(
         store: the layer's input activations; overwritten with its outputs when ``write_outputs``.
         runner: runs the layer (mask, positions).
         write_outputs: replace each mini-batch by the layer's output (the next layer's input).
+        halves: also keep the even mini-batches' Gram (`InputStats.gram_halves`).
+        skip_first: leave the first positions of every window out of the statistics.
 
     Returns:
         module name -> its `InputStats`.
@@ -197,7 +212,7 @@ def capture_inputs(
     hooks = []
     for name in modules:
         module = layer.get_submodule(name)
-        stats[name] = InputStats(module.weight.shape[1], runner.device, halves=halves)
+        stats[name] = InputStats(module.weight.shape[1], runner.device, halves=halves, skip_first=skip_first)
         hooks.append(module.register_forward_pre_hook(lambda _m, args, st=stats[name]: st.add(args[0])))
     try:
         for i in range(len(store)):
@@ -260,7 +275,13 @@ class CalibrationFlow:
         )
 
     def capture(
-        self, layer: nn.Module, modules: list[str], *, write_outputs: bool, halves: bool = False
+        self,
+        layer: nn.Module,
+        modules: list[str],
+        *,
+        write_outputs: bool,
+        halves: bool = False,
+        skip_first: int = 0,
     ) -> dict[str, InputStats]:
         """Input statistics of ``modules`` over all windows (and, if asked, step the windows through ``layer``)."""
         stats = capture_inputs(
@@ -270,6 +291,7 @@ class CalibrationFlow:
             self.runner,
             write_outputs=write_outputs,
             halves=halves,
+            skip_first=skip_first,
         )
         layer.to("cpu")  # the search and the codecs work on CPU tensors
         return stats

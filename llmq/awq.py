@@ -61,6 +61,10 @@ class AWQConfig:
             odd-numbered ones (a guard against scales that fit the calibration windows only); the
             report's ``loss_*`` are then the even half's, ``heldout_*`` the odd half's. The clip
             search still uses all windows.
+        skip_first: leave the first positions of every calibration window out of the statistics
+            the search and the importance are built from. Position 0 is the attention sink: on
+            SmolLM2 it carries 99.8% of layer 11's ffn_down input energy (massive activations),
+            so the squared-error objective fits one token per window (see BENCHMARKS.md).
     """
 
     n_grid: int = 20
@@ -73,6 +77,7 @@ class AWQConfig:
     inputs: str = "quant"
     prev_error: bool = False
     holdout: bool = False
+    skip_first: int = 0
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -81,6 +86,8 @@ class AWQConfig:
             )
         if not 0.0 <= self.max_shrink < 1.0:
             raise LlmqError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink}")
+        if self.skip_first < 0:
+            raise LlmqError(f"--awq-skip-first must be >= 0, got {self.skip_first}")
         if self.inputs not in INPUT_MODES:
             raise LlmqError(f"--awq-inputs {self.inputs}: choose one of {', '.join(INPUT_MODES)}")
 

@@ -56,6 +56,7 @@ def _convert(args: argparse.Namespace) -> int:
         inputs=args.awq_inputs,
         prev_error=args.awq_prev_error,
         holdout=args.awq_holdout,
+        skip_first=args.awq_skip_first,
     )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
@@ -229,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--awq-holdout",
         action="store_true",
         help="choose scales on half the calibration mini-batches, keep them only if the other half agrees",
+    )
+    a.add_argument(
+        "--awq-skip-first",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave the first N positions of every calibration window (the attention sink) out of "
+        "the statistics (default 0)",
     )
     a.add_argument("--no-scale", action="store_true", help="skip the scale search")
     a.add_argument("--no-clip", action="store_true", help="skip the clip search")

@@ -162,6 +162,11 @@ def quantized_tensors(
                 f"--awq-holdout needs at least two calibration mini-batches: {len(calibration.tokens)} "
                 f"windows with --calib-batch {calibration.config.batch_size} make one"
             )
+        if awq.skip_first >= calibration.tokens.shape[1]:
+            raise LlmqError(
+                f"--awq-skip-first {awq.skip_first} leaves nothing of {calibration.tokens.shape[1]}-token "
+                "calibration windows"
+            )
         flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
     bar = tqdm(total=stream.n_layers, desc=desc, unit="layer", disable=not progress)
     try:
@@ -187,6 +192,7 @@ def quantized_tensors(
                     search.capture_modules(arch),
                     write_outputs=inputs == "fp",
                     halves=awq.holdout,
+                    skip_first=awq.skip_first,
                 )
             report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
             params = layer.state_dict()

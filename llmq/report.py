@@ -42,7 +42,8 @@ def awq_settings_text(awq: AWQConfig) -> str:
     scale = ("duo" if awq.duo_scaling else "act") if awq.scale else "off"
     onoff = lambda b: "on" if b else "off"  # noqa: E731
     text = f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
-    return text + (" holdout=on" if awq.holdout else "")
+    text += " holdout=on" if awq.holdout else ""
+    return text + (f" skip_first={awq.skip_first}" if awq.skip_first else "")
 
 
 def summary_text(reports: list[LayerReport]) -> str:

@@ -425,3 +425,42 @@ def test_holdout_needs_halves(tiny: Path, tmp_path: Path) -> None:
             progress=False,
         )
     assert not (tmp_path / "h.gguf").exists()
+
+
+def test_skip_first_leaves_the_sink_positions_out_of_the_statistics() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 10, 16, generator=gen)
+    x[:, 0, 4] = 1000.0  # a massive activation at position 0 of every window (an attention sink)
+    st, ref = llmq.activations.InputStats(16, skip_first=1), llmq.activations.InputStats(16)
+    st.add(x)
+    ref.add(x[:, 1:].reshape(-1, 16))  # what is left, fed as plain tokens
+    assert st.n == ref.n == 27
+    torch.testing.assert_close(st.mean_gram, ref.mean_gram)
+    torch.testing.assert_close(st.mean_abs, ref.mean_abs)
+    assert st.mean_sq[4] < 10  # the sink no longer dominates channel 4
+    with pytest.raises(llmq.LlmqError, match="--awq-skip-first must be >= 0"):
+        AWQConfig(skip_first=-1)
+
+
+def test_skip_first_through_convert_and_cli(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmq.cli import main
+
+    base = ["convert", str(tiny), "--quant", "Q4_0", "--calib-samples", "4", "--calib-seqlen", "32"]
+    base += ["--calib-batch", "2", "--no-card", "-q"]
+    outs = {}
+    for k in (0, 1):
+        outs[k] = tmp_path / f"s{k}.gguf"
+        assert main([*base, "-o", str(outs[k]), "--awq-skip-first", str(k)]) == 0
+    fields = gguf.GGUFReader(outs[1]).fields
+    assert parse_awq_text(fields["llmq.awq"].contents())["skip_first"] == 1.0
+    assert "skip_first" not in parse_awq_text(gguf.GGUFReader(outs[0]).fields["llmq.awq"].contents())
+    assert json.loads(outs[1].with_suffix(".search.json").read_text())["awq"]["skip_first"] == 1
+    # the statistics changed, so the stored weights did
+    data = [gguf.GGUFReader(outs[k]).get_tensor(1).data.tobytes() for k in (0, 1)]
+    names = [t.name for t in gguf.GGUFReader(outs[0]).tensors]
+    assert names[1].startswith("blk.0.") and data[0] != data[1]
+    code = main([*base, "-o", str(tmp_path / "bad.gguf"), "--awq-skip-first", "32"])
+    assert code != 0 and "--awq-skip-first 32 leaves nothing of 32-token" in capsys.readouterr().err
+    assert not (tmp_path / "bad.gguf").exists()

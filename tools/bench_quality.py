@@ -10,7 +10,9 @@ Rows (``--rows``, comma-separated ``METHOD:QUANT``):
   METHOD: ``rtn``, ``awq`` (calibrated on ``--calib``), ``awq-self`` (``--calib self``), ablations
   ``awq-noscale``, ``awq-noclip``, ``awq-noweight``, ``awq-act`` (activation-only scales),
   ``awq-fpin`` (next inputs from the FP layer, AutoAWQ's choice; the default takes them from the
-  quantized layer), ``awq-fpin-noclip`` (both), ``awq-prev`` (``--awq-prev-error``), and
+  quantized layer), ``awq-fpin-noclip`` (both), ``awq-prev`` (``--awq-prev-error``),
+  ``awq-holdout`` (``--awq-holdout``), ``awq-fpin-noclip-holdout`` (all three), ``awq-sink``
+  (``--awq-skip-first 1``), ``awq-fpin-noclip-sink`` (with ``fp`` inputs and ``--no-clip``), and
   ``imatrix``: llama.cpp's ``llama-quantize --imatrix FILE`` of the F16 file, FILE an importance
   matrix (mean x^2 per input column, llama.cpp's GGUF imatrix format) that llmq
   computes from the same calibration windows.
@@ -78,6 +80,9 @@ METHODS = {
     "awq-fpin-noclip": ["--method", "awq", "--awq-inputs", "fp", "--no-clip"],
     "awq-prev": ["--method", "awq", "--awq-prev-error"],
     "awq-holdout": ["--method", "awq", "--awq-holdout"],
+    "awq-fpin-noclip-holdout": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-holdout"],
+    "awq-fpin-noclip-sink": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-skip-first", "1"],
+    "awq-sink": ["--method", "awq", "--awq-skip-first", "1"],
 }
 # llama.cpp's route, as its users run it: an importance matrix file (llmq computes it from the same
 # calibration windows; `llama-imatrix` would write the same format), then `llama-quantize --imatrix`,
@@ -116,13 +121,17 @@ def run_child(cmd: list[str]) -> tuple[float, float, str]:
 
 
 def perplexity(binary: Path, model: Path, args: argparse.Namespace, base: Path, *, save: bool) -> dict:
-    """llama-perplexity on ``model``: saves the KL base (F16) or scores against it."""
+    """llama-perplexity on ``model``: saves the KL base (F16) or scores against it.
+
+    Its output is kept as ``<row>.ppl.log`` beside the row's JSON: the per-chunk lines are what
+    ``tools/paired_ppl.py`` compares two rows with."""
     cmd = [str(binary), "-m", str(model), "-f", str(args.text), "-c", "512", "--chunks", str(args.chunks)]
     # --no-repack: llama.cpp's repacked (AMX) CPU kernels crash on this machine (see llmq.eval._llama)
     cmd += ["-fa", "off", "--no-repack", "-t", str(args.threads), "--kl-divergence-base", str(base)]
     if not save:
         cmd.append("--kl-divergence")
     _, secs, out = run_child(cmd)
+    model.with_suffix(".ppl.log").write_text(out)
     if save:
         m = _FINAL.search(out)
         assert m, out[-2000:]
