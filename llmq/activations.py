@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -184,6 +184,10 @@ class InputStats:
         self.abs_sum /= s64
 
 
+# how capture_inputs makes a module's statistics: (channels, device) -> InputStats
+StatsFactory = Callable[[int, "str | torch.device"], InputStats]
+
+
 def capture_inputs(
     layer: nn.Module,
     modules: list[str],
@@ -191,8 +195,7 @@ def capture_inputs(
     runner: LayerRunner,
     *,
     write_outputs: bool,
-    halves: bool = False,
-    skip_first: int = 0,
+    new_stats: StatsFactory = InputStats,
 ) -> dict[str, InputStats]:
     """Run every stored mini-batch through ``layer``, accumulating input statistics of ``modules``.
 
@@ -202,8 +205,8 @@ def capture_inputs(
         store: the layer's input activations; overwritten with its outputs when ``write_outputs``.
         runner: runs the layer (mask, positions).
         write_outputs: replace each mini-batch by the layer's output (the next layer's input).
-        halves: also keep the even mini-batches' Gram (`InputStats.gram_halves`).
-        skip_first: leave the first positions of every window out of the statistics.
+        new_stats: builds each module's `InputStats` from (channels, device); the caller binds
+            its options (``functools.partial(InputStats, halves=True)``).
 
     Returns:
         module name -> its `InputStats`.
@@ -212,7 +215,7 @@ def capture_inputs(
     hooks = []
     for name in modules:
         module = layer.get_submodule(name)
-        stats[name] = InputStats(module.weight.shape[1], runner.device, halves=halves, skip_first=skip_first)
+        stats[name] = new_stats(module.weight.shape[1], runner.device)
         hooks.append(module.register_forward_pre_hook(lambda _m, args, st=stats[name]: st.add(args[0])))
     try:
         for i in range(len(store)):
@@ -280,8 +283,7 @@ class CalibrationFlow:
         modules: list[str],
         *,
         write_outputs: bool,
-        halves: bool = False,
-        skip_first: int = 0,
+        new_stats: StatsFactory = InputStats,
     ) -> dict[str, InputStats]:
         """Input statistics of ``modules`` over all windows (and, if asked, step the windows through ``layer``)."""
         stats = capture_inputs(
@@ -290,8 +292,7 @@ class CalibrationFlow:
             self.store,
             self.runner,
             write_outputs=write_outputs,
-            halves=halves,
-            skip_first=skip_first,
+            new_stats=new_stats,
         )
         layer.to("cpu")  # the search and the codecs work on CPU tensors
         return stats

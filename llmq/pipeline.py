@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .activations import CalibrationFlow
+from .activations import CalibrationFlow, InputStats
 from .arch import ArchSpec, get_arch
 from .arch.hparams import llama3_rope_factors
 from .awq import AWQConfig, Target
@@ -168,6 +169,7 @@ def quantized_tensors(
                 "calibration windows"
             )
         flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
+    new_stats = functools.partial(InputStats, halves=awq.holdout, skip_first=awq.skip_first)
     bar = tqdm(total=stream.n_layers, desc=desc, unit="layer", disable=not progress)
     try:
         for index, group_iter in itertools.groupby(plans, key=lambda p: p.layer):
@@ -191,8 +193,7 @@ def quantized_tensors(
                     layer,
                     search.capture_modules(arch),
                     write_outputs=inputs == "fp",
-                    halves=awq.holdout,
-                    skip_first=awq.skip_first,
+                    new_stats=new_stats,
                 )
             report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
             params = layer.state_dict()
