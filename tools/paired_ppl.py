@@ -36,11 +36,11 @@ def chunk_losses(log: Path) -> list[float]:
     return [i * running[i] - (i - 1) * running.get(i - 1, 0.0) for i in range(1, n + 1)]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", type=Path, help="log of model A")
     ap.add_argument("b", type=Path, help="log of model B (same text, same chunks)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     la, lb = chunk_losses(args.a), chunk_losses(args.b)
     if len(la) != len(lb):
         raise SystemExit(f"chunk counts differ: {len(la)} in {args.a}, {len(lb)} in {args.b}")
