@@ -72,6 +72,9 @@ class AWQConfig:
             (each by ``1 / mean(h^2)`` of the layer's output ``h`` at its position: the error as the
             next layer's RMS norm sees it, `llmq.activations.residual_weights`). The importance
             the codecs use comes from the same statistics.
+        refine: after llama.cpp's importance-weighted K-quant encoder, search each sub-block's
+            neighbouring scale (and min) codes for a lower importance-weighted error
+            (`llmq.codecs.krefine`; Q4_K, Q5_K, Q6_K), in the search's candidates and in the file.
     """
 
     n_grid: int = 20
@@ -86,6 +89,7 @@ class AWQConfig:
     holdout: bool = False
     skip_first: int = 0
     token_weight: str = "uniform"
+    refine: bool = False
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -114,6 +118,7 @@ class Target:
 
     codec: str
     group: int
+    refine: bool = False
 
     def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         """``w`` as the file will hold it: encoded with this type (and importance), decoded back."""
@@ -124,7 +129,7 @@ class Target:
         w = np.ascontiguousarray(w, dtype=np.float32)
         if issubclass(codec, GroupCodec) and self.group != codec.block_size:
             return codec.encode_grouped(w, self.group, importance)
-        return codec.encode(w, importance)
+        return codec.encode(w, importance, refine=self.refine)
 
     def codec_class(self) -> Any:
         return REGISTRY[self.codec]

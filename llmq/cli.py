@@ -58,6 +58,7 @@ def _convert(args: argparse.Namespace) -> int:
         holdout=args.awq_holdout,
         skip_first=args.awq_skip_first,
         token_weight=args.awq_token_weight,
+        refine=args.awq_refine,
     )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
@@ -247,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how tokens count for the o, gate/up and down readers: alike (default), or each by "
         "1/mean(h^2) of the residual h at its position, the error as the next layer's norm sees it "
         "(attention-sink positions stop dominating)",
+    )
+    a.add_argument(
+        "--awq-refine",
+        action="store_true",
+        help="after llama.cpp's K-quant encoder, search each sub-block's neighbouring 6-bit scale/min "
+        "codes for a lower importance-weighted error (Q4_K, Q5_K, Q6_K; bytes no longer llama.cpp's)",
     )
     a.add_argument("--no-scale", action="store_true", help="skip the scale search")
     a.add_argument("--no-clip", action="store_true", help="skip the clip search")

@@ -100,10 +100,13 @@ def to_gguf_layout(plan: TensorPlan, arch: ArchSpec, config: object, t: torch.Te
     return t.detach()
 
 
-def encode(plan: TensorPlan, t: torch.Tensor, importance: np.ndarray | None = None) -> np.ndarray:
+def encode(
+    plan: TensorPlan, t: torch.Tensor, importance: np.ndarray | None = None, *, refine: bool = False
+) -> np.ndarray:
     """The bytes of one tensor in its planned type and grouping, encoded a slab of rows at a time.
 
-    ``importance`` (per column, for linears) selects llama.cpp's importance-weighted encoder.
+    ``importance`` (per column, for linears) selects llama.cpp's importance-weighted encoder;
+    ``refine`` the codec's refinement past it (`llmq.codecs.krefine`).
     """
     codec = REGISTRY[plan.codec]
     grouped = issubclass(codec, GroupCodec) and plan.group != codec.block_size
@@ -115,7 +118,7 @@ def encode(plan: TensorPlan, t: torch.Tensor, importance: np.ndarray | None = No
         if grouped:
             out[start : start + step] = codec.encode_grouped(x, plan.group, importance)
         else:
-            out[start : start + step] = codec.encode(x, importance)
+            out[start : start + step] = codec.encode(x, importance, refine=refine)
     return out
 
 
@@ -125,9 +128,9 @@ def module_name(plan: TensorPlan, arch: ArchSpec) -> str:
     return plan.source.removeprefix(arch.layer_prefix.format(i=plan.layer)).rsplit(".", 1)[0]
 
 
-def layer_targets(plans: list[TensorPlan], arch: ArchSpec) -> dict[str, Target]:
+def layer_targets(plans: list[TensorPlan], arch: ArchSpec, *, refine: bool = False) -> dict[str, Target]:
     """How each linear of one layer will be stored, keyed by module name."""
-    return {module_name(p, arch): Target(p.codec, p.group) for p in plans if p.role == "linear"}
+    return {module_name(p, arch): Target(p.codec, p.group, refine) for p in plans if p.role == "linear"}
 
 
 def quantized_tensors(
@@ -170,6 +173,7 @@ def quantized_tensors(
             )
         flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
     new_stats = functools.partial(InputStats, halves=awq.holdout, skip_first=awq.skip_first)
+    refine = awq.refine and search.needs_activations
     residual_weighted = (
         {g.linears[0] for g in arch.scale_groups if g.per_token} if awq.token_weight == "residual" else set()
     )
@@ -189,7 +193,7 @@ def quantized_tensors(
                 ckpt.release()
                 continue
             layer = stream.load(index)  # materialize one layer
-            targets = layer_targets(group, arch)
+            targets = layer_targets(group, arch, refine=refine)
             stats = None
             if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
                 stats = flow.capture(
@@ -205,7 +209,8 @@ def quantized_tensors(
             for p in group:  # quantize + write
                 x = to_gguf_layout(p, arch, ckpt.config, params[p.source.removeprefix(prefix)])
                 imp = report.importance.get(module_name(p, arch)) if p.role == "linear" else None
-                yield p, encode(p, x, imatrix.get(p.name) if imp is None else imp)
+                refined = refine and p.role == "linear"
+                yield p, encode(p, x, imatrix.get(p.name) if imp is None else imp, refine=refined)
             if flow is not None and inputs == "quant":  # next inputs from the layer as quantized
                 load_quantized(layer, targets, report)
                 flow.advance(layer)

@@ -14,7 +14,7 @@ Rows (``--rows``, comma-separated ``METHOD:QUANT``):
   ``awq-holdout`` (``--awq-holdout``), ``awq-fpin-noclip-holdout`` (all three), ``awq-sink``
   (``--awq-skip-first 1``), ``awq-fpin-noclip-sink`` (with ``fp`` inputs and ``--no-clip``),
   ``awq-resid`` (``--awq-token-weight residual``), ``awq-fpin-noclip-resid`` (the same with ``fp``
-  inputs and ``--no-clip``), and
+  inputs and ``--no-clip``), ``awq-refine`` (``--awq-refine``), ``awq-fpin-noclip-refine``, and
   ``imatrix``: llama.cpp's ``llama-quantize --imatrix FILE`` of the F16 file, FILE an importance
   matrix (mean x^2 per input column, llama.cpp's GGUF imatrix format) that llmq
   computes from the same calibration windows.
@@ -86,6 +86,8 @@ METHODS = {
     "awq-fpin-noclip-sink": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-skip-first", "1"],
     "awq-sink": ["--method", "awq", "--awq-skip-first", "1"],
     "awq-resid": ["--method", "awq", "--awq-token-weight", "residual"],
+    "awq-refine": ["--method", "awq", "--awq-refine"],
+    "awq-fpin-noclip-refine": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-refine"],
     "awq-fpin-noclip-resid": [
         "--method",
         "awq",

@@ -154,7 +154,7 @@ class Codec:
         return importance_weights(x.reshape(-1, k), imp).reshape(x.shape)
 
     @classmethod
-    def encode(cls, x: Array, importance: Array | None = None) -> Array:
+    def encode(cls, x: Array, importance: Array | None = None, *, refine: bool = False) -> Array:
         """Encode a float tensor ``(..., K)`` into its GGUF bytes ``(..., K / block_size * type_size)``.
 
         Args:
@@ -164,6 +164,9 @@ class Codec:
             importance: optional per-column importance ``(K,)`` (llama.cpp's imatrix: the mean square
                 of each input column's activations). None gives llama.cpp's reference round-to-nearest
                 bytes; otherwise codecs with ``supports_importance`` run llama.cpp's weighted search.
+            refine: then lower the error weighted by ``importance`` (or plain squared error) further
+                where the type has a `refine_blocks` step (Q4_K, Q5_K, Q6_K: `llmq.codecs.krefine`);
+                the bytes then are no longer llama.cpp's, only never worse. NumPy input only.
 
         Raises:
             FormatError: if rows do not split into blocks or ``importance`` is malformed.
@@ -189,8 +192,20 @@ class Codec:
         else:
             w = cls.encoder_weights(x, to_numpy(importance))
             out = cls.encode_blocks_weighted(blocks, w.reshape(-1, cls.block_size))
+        if refine:
+            if is_torch_array(x):
+                raise FormatError(f"{cls.name}: refined encoding takes NumPy arrays")
+            k = x.shape[-1]
+            imp = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+            metric = np.broadcast_to(imp, (blocks.size // k, k)).reshape(blocks.shape)
+            out = cls.refine_blocks(blocks, metric, out)
         assert out.dtype == xp.uint8 and out.shape[1] == cls.type_size, (cls.name, out.dtype, out.shape)
         return out.reshape(cls.byte_shape(x.shape))
+
+    @classmethod
+    def refine_blocks(cls, blocks: np.ndarray, weights: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """Encoded ``data`` of ``blocks`` improved under the per-element error ``weights`` (default: as is)."""
+        return data
 
     @classmethod
     def decode(cls, data: Array, shape: tuple[int, ...]) -> Array:

@@ -27,6 +27,7 @@ from .kquants_math import (
     unpack_q3_scales,
     unpack_scale_min_k4,
 )
+from .krefine import refine_k4, refine_q6
 from .quants_math import GROUP_MAX_EPS, make_qkx3_quants, make_qx_quants, seq_sum
 from .xp import (
     Array,
@@ -171,6 +172,10 @@ class _AsymmetricK4(_KQuant):
     @classmethod
     def encode_blocks_weighted(cls, blocks, weights):
         return cls._pack(*_asymmetric_k4(blocks, cls.nmax, cls.rmin, cls.nstep, weights))
+
+    @classmethod
+    def refine_blocks(cls, blocks, weights, data):
+        return refine_k4(blocks, weights, data, cls.nmax, cls._pack)
 
     @classmethod
     def _pack(cls, header: Array, codes: Array) -> Array:
@@ -349,6 +354,19 @@ class Q5_K(_AsymmetricK4, qtype=T.Q5_K):
 # [ql: 128 B low nibbles][qh: 64 B, 2 high bits][scales: 16 x int8][d: f16]; x = d * sc * (q - 32)
 # Per half h of 128 values: ql[64 h + l] = v[l] | v[l + 64] << 4, ql[64 h + 32 + l] = v[l + 32] | v[l + 96] << 4,
 # qh[32 h + l] = v[l] >> 4 | v[l + 32] >> 4 << 2 | v[l + 64] >> 4 << 4 | v[l + 96] >> 4 << 6.
+def _pack_q6(codes: Array, sc: Array, d_bytes: Array) -> Array:
+    """Q6_K bytes from codes ``(n, 256)`` in 0..63, int8 scales ``(n, 16)`` and ``d``'s two bytes."""
+    xp = array_namespace(codes)
+    n = codes.shape[0]
+    v = codes.reshape(n, 2, 4, 32)  # [half, quarter, l]
+    ql = xp.concat([v[:, :, 0] & 0x0F, v[:, :, 1] & 0x0F], axis=2) | (
+        xp.concat([v[:, :, 2] & 0x0F, v[:, :, 3] & 0x0F], axis=2) << 4
+    )
+    top = v >> 4
+    qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)
+    return xp.concat([ql.reshape(n, 128), qh.reshape(n, 64), bitcast(sc, "uint8"), d_bytes], axis=1)
+
+
 class Q6_K(_KQuant, qtype=T.Q6_K):
     bits = 6
 
@@ -378,15 +396,13 @@ class Q6_K(_KQuant, qtype=T.Q6_K):
         )
         dl = f16_round(d)[:, None] * xp.astype(sc, xp.float32)
         codes = _requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -32, 31)
-        v = codes.reshape(n, 2, 4, 32)  # [half, quarter, l]
-        ql = xp.concat([v[:, :, 0] & 0x0F, v[:, :, 1] & 0x0F], axis=2) | (
-            xp.concat([v[:, :, 2] & 0x0F, v[:, :, 3] & 0x0F], axis=2) << 4
-        )
-        top = v >> 4
-        qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)
-        out = xp.concat([ql.reshape(n, 128), qh.reshape(n, 64), bitcast(sc, "uint8"), _f16_bytes(d)], axis=1)
+        out = _pack_q6(codes, sc, _f16_bytes(d))
         out[~live] = 0  # an all-zero super-block is all zero bytes
         return out
+
+    @classmethod
+    def refine_blocks(cls, blocks, weights, data):
+        return refine_q6(blocks, weights, data, _pack_q6)
 
     @classmethod
     def decode_blocks(cls, data):
