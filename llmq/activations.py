@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,13 +115,10 @@ class InputStats:
     ``mean_t |E x_t|^2 = sum((E @ G) * E)`` with ``G = X^T X / n``, so the search scores every
     candidate without re-running the tokens.
 
-    With token weights ``w_t`` every sum below is weighted (``sum_t w_t x_t x_t^T``) and ``n`` is
-    ``sum_t w_t``, so the means stay in the units of ``x``.
-
     Attributes:
         gram: ``sum_t x_t x_t^T`` ``(C, C)``, float64.
         abs_sum: ``sum_t |x_t|`` per channel, float64.
-        n: tokens seen (their total weight).
+        n: tokens seen.
     """
 
     def __init__(
@@ -136,37 +133,29 @@ class InputStats:
         self.skip_first = skip_first
         self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.n = 0.0  # tokens seen (their total weight, for weighted tokens)
+        self.n = 0
         # with halves: the Gram of the even-numbered mini-batches too, for a held-out check
         self.gram_even = torch.zeros_like(self.gram) if halves else None
-        self.n_even = 0.0
+        self.n_even = 0
         self._batches = 0
 
-    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Accumulate inputs ``x`` ``(..., C)``; ``weights`` (``x``'s leading shape) weigh each token."""
+    def add(self, x: torch.Tensor) -> None:
         if self.skip_first:
             assert x.dim() == 3, "skip_first needs (batch, seq, channels) inputs"
             x = x[:, self.skip_first :]
-            weights = None if weights is None else weights[:, self.skip_first :]
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        if weights is None:
-            xw, n = x2, float(x2.shape[0])
-        else:
-            w = weights.detach().reshape(-1, 1).to(torch.float32)
-            assert w.shape[0] == x2.shape[0], (tuple(weights.shape), tuple(x.shape))
-            xw, n = x2 * w, float(w.sum())
-        g = (xw.T @ x2).double()  # float32 per mini-batch, float64 across them
+        g = (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
         self.gram += g
         if self.gram_even is not None and self._batches % 2 == 0:
             self.gram_even += g
-            self.n_even += n
+            self.n_even += x2.shape[0]
         self._batches += 1
-        self.abs_sum += xw.abs().sum(0).double()
-        self.n += n
+        self.abs_sum += x2.abs().sum(0).double()
+        self.n += x2.shape[0]
 
     def gram_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``G`` over the even- and over the odd-numbered mini-batches (float32), for ``halves`` stats."""
-        if self.gram_even is None or self._batches < 2:
+        if self.gram_even is None or self.n_even in (0, self.n):
             raise LlmqError("a held-out check needs halves=True statistics of at least two mini-batches")
         even = self.gram_even / self.n_even
         odd = (self.gram - self.gram_even) / (self.n - self.n_even)
@@ -175,16 +164,16 @@ class InputStats:
     @property
     def mean_gram(self) -> torch.Tensor:
         """``G = X^T X / n`` in float32."""
-        return (self.gram / (self.n or 1.0)).float().cpu()
+        return (self.gram / max(self.n, 1)).float().cpu()
 
     @property
     def mean_abs(self) -> torch.Tensor:
-        return (self.abs_sum / (self.n or 1.0)).float().cpu()
+        return (self.abs_sum / max(self.n, 1)).float().cpu()
 
     @property
     def mean_sq(self) -> np.ndarray:
         """Mean of x^2 per channel: llama.cpp's importance-matrix entry for this input."""
-        return (torch.diagonal(self.gram) / (self.n or 1.0)).float().cpu().numpy()
+        return (torch.diagonal(self.gram) / max(self.n, 1)).float().cpu().numpy()
 
     def divide(self, s: torch.Tensor) -> None:
         """Statistics of ``x / s``: what the linear sees once ``s`` is folded into the op before it."""
@@ -193,16 +182,6 @@ class InputStats:
         if self.gram_even is not None:
             self.gram_even /= s64[:, None] * s64[None, :]
         self.abs_sum /= s64
-
-
-def residual_weights(h: torch.Tensor) -> torch.Tensor:
-    """``1 / mean(h^2)`` per position of residual-stream states ``h`` ``(..., hidden)``.
-
-    The next layer reads the residual through an RMS norm, so an error ``e`` added at a position
-    changes what it sees by about ``e / rms(h)``: weighing each token's squared error by this keeps
-    attention-sink positions, whose residual is hundreds of times larger, from dominating the loss.
-    """
-    return 1.0 / h.to(torch.float32).pow(2).mean(-1).clamp(min=1e-12)
 
 
 # how capture_inputs makes a module's statistics: (channels, device) -> InputStats
@@ -217,7 +196,6 @@ def capture_inputs(
     *,
     write_outputs: bool,
     new_stats: StatsFactory = InputStats,
-    residual_weighted: Collection[str] = (),
 ) -> dict[str, InputStats]:
     """Run every stored mini-batch through ``layer``, accumulating input statistics of ``modules``.
 
@@ -229,31 +207,19 @@ def capture_inputs(
         write_outputs: replace each mini-batch by the layer's output (the next layer's input).
         new_stats: builds each module's `InputStats` from (channels, device); the caller binds
             its options (``functools.partial(InputStats, halves=True)``).
-        residual_weighted: those of ``modules`` whose tokens are weighed by `residual_weights` of
-            the layer's output at their position.
 
     Returns:
         module name -> its `InputStats`.
     """
     stats: dict[str, InputStats] = {}
-    pending: dict[str, torch.Tensor] = {}  # inputs held until the layer's output gives their weights
     hooks = []
     for name in modules:
         module = layer.get_submodule(name)
         stats[name] = new_stats(module.weight.shape[1], runner.device)
-        if name in residual_weighted:
-            hook = lambda _m, args, key=name: pending.__setitem__(key, args[0].detach())  # noqa: E731
-        else:
-            hook = lambda _m, args, st=stats[name]: st.add(args[0])  # noqa: E731
-        hooks.append(module.register_forward_pre_hook(hook))
+        hooks.append(module.register_forward_pre_hook(lambda _m, args, st=stats[name]: st.add(args[0])))
     try:
         for i in range(len(store)):
             y = runner(layer, store.read(i))
-            if pending:
-                w = residual_weights(y).to(runner.device)
-                for key, x in pending.items():
-                    stats[key].add(x, w)
-                pending.clear()
             if write_outputs:
                 store.write(i, y)
     finally:
@@ -318,7 +284,6 @@ class CalibrationFlow:
         *,
         write_outputs: bool,
         new_stats: StatsFactory = InputStats,
-        residual_weighted: Collection[str] = (),
     ) -> dict[str, InputStats]:
         """Input statistics of ``modules`` over all windows (and, if asked, step the windows through ``layer``)."""
         stats = capture_inputs(
@@ -328,7 +293,6 @@ class CalibrationFlow:
             self.runner,
             write_outputs=write_outputs,
             new_stats=new_stats,
-            residual_weighted=residual_weighted,
         )
         layer.to("cpu")  # the search and the codecs work on CPU tensors
         return stats

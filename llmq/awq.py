@@ -35,7 +35,6 @@ from .search import LayerReport
 log = logging.getLogger(__name__)
 
 INPUT_MODES = ("fp", "quant")
-TOKEN_WEIGHTS = ("uniform", "residual")
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,6 @@ class AWQConfig:
             the search and the importance are built from. Position 0 is the attention sink: on
             SmolLM2 it carries 99.8% of layer 11's ffn_down input energy (massive activations),
             so the squared-error objective fits one token per window (see BENCHMARKS.md).
-        token_weight: how calibration tokens count in the statistics of readers whose error reaches
-            the residual at their own position (`ScaleGroup.per_token`: o, gate/up, down):
-            ``uniform`` (each token alike, AutoAWQ's and llama.cpp's imatrix) or ``residual``
-            (each by ``1 / mean(h^2)`` of the layer's output ``h`` at its position: the error as the
-            next layer's RMS norm sees it, `llmq.activations.residual_weights`). The importance
-            the codecs use comes from the same statistics.
         refine: after llama.cpp's importance-weighted K-quant encoder, search each sub-block's
             neighbouring scale (and min) codes for a lower importance-weighted error
             (`llmq.codecs.krefine`; Q4_K, Q5_K, Q6_K), in the search's candidates and in the file.
@@ -88,7 +81,6 @@ class AWQConfig:
     prev_error: bool = False
     holdout: bool = False
     skip_first: int = 0
-    token_weight: str = "uniform"
     refine: bool = False
 
     def __post_init__(self) -> None:
@@ -102,10 +94,6 @@ class AWQConfig:
             raise LlmqError(f"--awq-skip-first must be >= 0, got {self.skip_first}")
         if self.inputs not in INPUT_MODES:
             raise LlmqError(f"--awq-inputs {self.inputs}: choose one of {', '.join(INPUT_MODES)}")
-        if self.token_weight not in TOKEN_WEIGHTS:
-            raise LlmqError(
-                f"--awq-token-weight {self.token_weight}: choose one of {', '.join(TOKEN_WEIGHTS)}"
-            )
 
     @property
     def clip_ratios(self) -> list[float]:

@@ -57,7 +57,6 @@ def _convert(args: argparse.Namespace) -> int:
         prev_error=args.awq_prev_error,
         holdout=args.awq_holdout,
         skip_first=args.awq_skip_first,
-        token_weight=args.awq_token_weight,
         refine=args.awq_refine,
     )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
@@ -240,14 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="leave the first N positions of every calibration window (the attention sink) out of "
         "the statistics (default 0)",
-    )
-    a.add_argument(
-        "--awq-token-weight",
-        choices=("uniform", "residual"),
-        default="uniform",
-        help="how tokens count for the o, gate/up and down readers: alike (default), or each by "
-        "1/mean(h^2) of the residual h at its position, the error as the next layer's norm sees it "
-        "(attention-sink positions stop dominating)",
     )
     a.add_argument(
         "--awq-refine",

@@ -174,9 +174,6 @@ def quantized_tensors(
         flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
     new_stats = functools.partial(InputStats, halves=awq.holdout, skip_first=awq.skip_first)
     refine = awq.refine and search.needs_activations
-    residual_weighted = (
-        {g.linears[0] for g in arch.scale_groups if g.per_token} if awq.token_weight == "residual" else set()
-    )
     bar = tqdm(total=stream.n_layers, desc=desc, unit="layer", disable=not progress)
     try:
         for index, group_iter in itertools.groupby(plans, key=lambda p: p.layer):
@@ -201,7 +198,6 @@ def quantized_tensors(
                     search.capture_modules(arch),
                     write_outputs=inputs == "fp",
                     new_stats=new_stats,
-                    residual_weighted=residual_weighted,
                 )
             report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
             params = layer.state_dict()

@@ -43,7 +43,6 @@ def awq_settings_text(awq: AWQConfig) -> str:
     onoff = lambda b: "on" if b else "off"  # noqa: E731
     text = f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
     text += " holdout=on" if awq.holdout else ""
-    text += " tokens=residual" if awq.token_weight == "residual" else ""
     text += " refine=on" if awq.refine else ""
     return text + (f" skip_first={awq.skip_first}" if awq.skip_first else "")
 

@@ -29,16 +29,12 @@ class ScaleGroup:
         loss_on: module whose output the search's loss is measured on.
         needs_same_shape: apply only when ``prev``'s output width equals the linears' input width
             (v -> o is skipped under grouped-query attention).
-        per_token: the readers' error at a position reaches the residual stream at that position
-            only (no attention in between), so the search may weigh each token by that position's
-            residual (``--awq-token-weight residual``); False for the q/k/v readers.
     """
 
     prev: str
     linears: tuple[str, ...]
     loss_on: str
     needs_same_shape: bool = False
-    per_token: bool = True
 
 
 # hyper-parameter key of the GGUF arch namespace -> function of the HF config returning its value

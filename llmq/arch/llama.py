@@ -19,10 +19,7 @@ LLAMA = register(
         },
         scale_groups=(
             ScaleGroup(
-                "input_layernorm",
-                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                "self_attn",
-                per_token=False,
+                "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
             ),
             ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", needs_same_shape=True),
             ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),

@@ -1,0 +1,91 @@
+"""K-quant refinement (`llmq.codecs.krefine`, ``--awq-refine``): valid bytes that gguf decodes as we do,
+never a higher weighted error than llama.cpp's encoder block by block, and wired through convert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+from llmq.codecs import REGISTRY, Codec
+from llmq.errors import FormatError
+from llmq.report import parse_awq_text
+
+REFINED = sorted(
+    n for n, c in REGISTRY.items() if c.refine_blocks.__func__ is not Codec.refine_blocks.__func__
+)
+
+
+def _grid_rows(rows: int, k: int, seed: int) -> np.ndarray:
+    """Rows on a Q4_1-like grid (16 levels per 32 values), as SmolLM2's plain reference holds them."""
+    gen = np.random.default_rng(seed)
+    d = gen.uniform(0.002, 0.02, (rows, k // 32, 1))
+    m = -8 * d + gen.normal(0, 0.002, (rows, k // 32, 1))
+    q = gen.integers(0, 16, (rows, k // 32, 32))
+    return (d * q + m).reshape(rows, k).astype(np.float16).astype(np.float32)
+
+
+def test_the_refined_types() -> None:
+    assert REFINED == ["Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("name", REFINED)
+@pytest.mark.parametrize("data", ["gaussian", "grid"])
+def test_refinement_never_raises_a_blocks_weighted_error(name: str, data: str) -> None:
+    codec = REGISTRY[name]
+    gen = np.random.default_rng(1)
+    k = 512
+    x = _grid_rows(16, k, 2) if data == "grid" else gen.standard_normal((16, k)).astype(np.float32)
+    x[0, :256] = 0.0  # an all-zero super-block stays all zero bytes
+    imp = gen.uniform(0.01, 4.0, k).astype(np.float32) ** 2
+    for importance in (imp, None):
+        ref = codec.encode(x, importance)
+        out = codec.encode(x, importance, refine=True)
+        assert out.shape == ref.shape and out.dtype == np.uint8
+        y = codec.decode(out, x.shape)
+        # the bytes are the format's: gguf's dequantizer reads them as our decoder does
+        np.testing.assert_array_equal(gguf.quants.dequantize(out, codec.qtype).reshape(x.shape), y)
+        w = np.ones(k, np.float32) if importance is None else importance
+        before, after = ((w * (x - v) ** 2).reshape(-1, 256).sum(1) for v in (codec.decode(ref, x.shape), y))
+        assert np.all(after <= before * (1 + 1e-6) + 1e-12)
+        assert after.sum() < 0.995 * before.sum()  # and it does find better scales
+        assert not out[0, : codec.type_size].any()
+
+
+def test_refinement_applies_only_where_a_type_has_it() -> None:
+    x = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
+    imp = np.ones(256, np.float32)
+    for name in ("Q3_K", "Q8_0", "Q4_0"):
+        codec = REGISTRY[name]
+        np.testing.assert_array_equal(codec.encode(x, imp, refine=True), codec.encode(x, imp))
+    with pytest.raises(FormatError, match="Q5_K: refined encoding takes NumPy arrays"):
+        REGISTRY["Q5_K"].encode(torch.from_numpy(x), imp, refine=True)
+
+
+def test_awq_refine_through_the_cli(tmp_path: Path) -> None:
+    from llmq.cli import main
+
+    model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32, outliers=4.0)
+    base = ["convert", str(model), "--quant", "Q4_K_M", "--calib-samples", "4", "--calib-seqlen", "32"]
+    base += ["--calib-batch", "2", "--no-card", "-q"]
+    outs = {}
+    for refine in (False, True):
+        outs[refine] = tmp_path / f"r{int(refine)}.gguf"
+        assert main([*base, "-o", str(outs[refine]), *(["--awq-refine"] if refine else [])]) == 0
+    readers = {r: gguf.GGUFReader(p) for r, p in outs.items()}
+    assert parse_awq_text(readers[True].fields["llmq.awq"].contents())["refine"] == "on"
+    assert "refine" not in parse_awq_text(readers[False].fields["llmq.awq"].contents())
+    assert json.loads(outs[True].with_suffix(".search.json").read_text())["awq"]["refine"] is True
+    tensors = {r: {t.name: t for t in rd.tensors} for r, rd in readers.items()}
+    changed = 0
+    for name, t in tensors[True].items():
+        other = tensors[False][name]
+        assert t.tensor_type == other.tensor_type  # the same mix, type for type
+        if t.tensor_type.name in REFINED:
+            changed += t.data.tobytes() != other.data.tobytes()
+    assert changed > 0
