@@ -138,11 +138,11 @@ def test_interrupted_conversion_leaves_no_file(
     calls = {"n": 0}
     original = llmq.pipeline.encode
 
-    def failing(plan, x, importance=None):  # noqa: ANN001
+    def failing(plan, x, importance=None, **kwargs):  # noqa: ANN001, ANN003
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return original(plan, x, importance)
+        return original(plan, x, importance, **kwargs)
 
     monkeypatch.setattr(llmq.pipeline, "encode", failing)
     assert main(["convert", "--method", "rtn", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q"]) == 130

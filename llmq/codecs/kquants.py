@@ -351,9 +351,6 @@ class Q5_K(_AsymmetricK4, qtype=T.Q5_K):
         return _asymmetric_k4_decode(data, _unnibble_k(data[:, 48:]) | (_unpack_bits(data[:, 16:48]) << 4))
 
 
-# [ql: 128 B low nibbles][qh: 64 B, 2 high bits][scales: 16 x int8][d: f16]; x = d * sc * (q - 32)
-# Per half h of 128 values: ql[64 h + l] = v[l] | v[l + 64] << 4, ql[64 h + 32 + l] = v[l + 32] | v[l + 96] << 4,
-# qh[32 h + l] = v[l] >> 4 | v[l + 32] >> 4 << 2 | v[l + 64] >> 4 << 4 | v[l + 96] >> 4 << 6.
 def _pack_q6(codes: Array, sc: Array, d_bytes: Array) -> Array:
     """Q6_K bytes from codes ``(n, 256)`` in 0..63, int8 scales ``(n, 16)`` and ``d``'s two bytes."""
     xp = array_namespace(codes)
@@ -367,6 +364,9 @@ def _pack_q6(codes: Array, sc: Array, d_bytes: Array) -> Array:
     return xp.concat([ql.reshape(n, 128), qh.reshape(n, 64), bitcast(sc, "uint8"), d_bytes], axis=1)
 
 
+# [ql: 128 B low nibbles][qh: 64 B, 2 high bits][scales: 16 x int8][d: f16]; x = d * sc * (q - 32)
+# Per half h of 128 values: ql[64 h + l] = v[l] | v[l + 64] << 4, ql[64 h + 32 + l] = v[l + 32] | v[l + 96] << 4,
+# qh[32 h + l] = v[l] >> 4 | v[l + 32] >> 4 << 2 | v[l + 64] >> 4 << 4 | v[l + 96] >> 4 << 6.
 class Q6_K(_KQuant, qtype=T.Q6_K):
     bits = 6
 
