@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as T
 from .base import Codec
 from .kquants_math import (
     f16_round,
+    f16_value,
     make_q3_quants,
     make_qkx2_quants,
     make_qp_quants,
@@ -23,6 +24,7 @@ from .kquants_math import (
     pack_2bit,
     pack_q3_scales,
     pack_scale_min_k4,
+    requantize,
     unpack_2bit,
     unpack_q3_scales,
     unpack_scale_min_k4,
@@ -49,11 +51,6 @@ def _f16_bytes(v: Array) -> Array:
     xp = array_namespace(v)
     with errstate(v):
         return xp.reshape(bitcast(contiguous(xp.astype(v, xp.float16)), "uint8"), (-1, 2))
-
-
-def _f16_value(b: Array) -> Array:
-    xp = array_namespace(b)
-    return xp.astype(bitcast(contiguous(b), "float16"), xp.float32)  # (n, 1)
 
 
 def _positive_max(v: Array) -> Array:
@@ -100,20 +97,6 @@ def _sub_sums(w: Array, size: int) -> Array:
     return seq_sum(contiguous(w.reshape(-1, size).T)).reshape(w.shape[0], -1)
 
 
-def _requantize(x: Array, codes: Array, d: Array, dm: Array | None, lo: int, hi: int) -> Array:
-    """Redo the codes with the stored (rounded) sub-block scales, as each `_ref` encoder's last pass.
-
-    ``x``/``codes``: ``(n, subs, size)``; ``d``/``dm``: ``(n, subs)``. Sub-blocks whose scale is 0
-    keep the search's codes; others get ``clamp(nearest_int((x + dm) / d), lo, hi) - lo``.
-    """
-    xp = array_namespace(x)
-    live = d != 0
-    with errstate(x):
-        v = x if dm is None else x + dm[..., None]
-        l = xp.clip(nearest_int(v / xp.where(live, d, const(xp, 1, d))[..., None]), lo, hi) - lo
-    return xp.where(live[..., None], xp.astype(l, xp.uint8), codes)
-
-
 def _six_bit(xp, inv: Array, v: Array) -> Array:
     # `uint8_t ls = nearest_int(inv * v)` wraps modulo 256 before `MIN(63, ls)`
     return xp.astype(xp.minimum(nearest_int(inv[:, None] * v) & 0xFF, const(xp, 63, inv, xp.int32)), xp.uint8)
@@ -152,7 +135,7 @@ def _asymmetric_k4(blocks: Array, nmax: int, rmin: float, nstep: int, qw: Array 
     sc, mn = unpack_scale_min_k4(packed)  # requantize from the stored bytes (`get_scale_min_k4`)
     dl = f16_round(d)[:, None] * xp.astype(sc, xp.float32)
     ml = f16_round(dmin)[:, None] * xp.astype(mn, xp.float32)
-    codes = _requantize(blocks.reshape(n, 8, 32), codes.reshape(n, 8, 32), dl, ml, 0, nmax)
+    codes = requantize(blocks.reshape(n, 8, 32), codes.reshape(n, 8, 32), dl, ml, 0, nmax)
     header = xp.concat([_f16_bytes(d), _f16_bytes(dmin), packed], axis=1)
     return header, codes.reshape(n, QK_K)
 
@@ -186,8 +169,8 @@ def _asymmetric_k4_decode(data: Array, q: Array) -> Array:
     # y = (d * sc) * q - dmin * m, per sub-block of 32
     xp = array_namespace(data)
     sc, m = unpack_scale_min_k4(data[:, 4:16])
-    dl = _f16_value(data[:, 0:2]) * xp.astype(sc, xp.float32)
-    ml = _f16_value(data[:, 2:4]) * xp.astype(m, xp.float32)
+    dl = f16_value(data[:, 0:2]) * xp.astype(sc, xp.float32)
+    ml = f16_value(data[:, 2:4]) * xp.astype(m, xp.float32)
     y = dl[:, :, None] * xp.astype(q.reshape(-1, 8, 32), xp.float32) - ml[:, :, None]
     return y.reshape(-1, QK_K)
 
@@ -256,15 +239,15 @@ class Q2_K(_KQuant, qtype=T.Q2_K):
         packed = xp.astype((ls | (lm << 4)) & 0xFF, xp.uint8)
         dl = f16_round(d)[:, None] * xp.astype(packed & 0x0F, xp.float32)
         ml = f16_round(dmin)[:, None] * xp.astype(packed >> 4, xp.float32)
-        codes = _requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, ml, 0, 3)
+        codes = requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, ml, 0, 3)
         return xp.concat([packed, pack_2bit(codes.reshape(n, QK_K)), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
 
     @classmethod
     def decode_blocks(cls, data):
         xp = array_namespace(data)
         sc = data[:, :16]
-        dl = _f16_value(data[:, 80:82]) * xp.astype(sc & 0x0F, xp.float32)
-        ml = _f16_value(data[:, 82:84]) * xp.astype(sc >> 4, xp.float32)
+        dl = f16_value(data[:, 80:82]) * xp.astype(sc & 0x0F, xp.float32)
+        ml = f16_value(data[:, 82:84]) * xp.astype(sc >> 4, xp.float32)
         q = xp.astype(unpack_2bit(data[:, 16:80]).reshape(-1, 16, 16), xp.float32)
         return (dl[:, :, None] * q - ml[:, :, None]).reshape(-1, QK_K)
 
@@ -306,7 +289,7 @@ class Q3_K(_KQuant, qtype=T.Q3_K):
         n = blocks.shape[0]
         sc = xp.astype(bitcast(l6, "int8") - 32, xp.float32)
         dl = f16_round(d)[:, None] * sc
-        codes = _requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -4, 3)
+        codes = requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -4, 3)
         codes = codes.reshape(n, QK_K)
         hmask = pack_bits(xp.astype(codes > 3, xp.uint8).reshape(n, 8, 32))
         return xp.concat([hmask, pack_2bit(codes & 3), pack_q3_scales(l6), _f16_bytes(d)], axis=1)
@@ -314,7 +297,7 @@ class Q3_K(_KQuant, qtype=T.Q3_K):
     @classmethod
     def decode_blocks(cls, data):
         xp = array_namespace(data)
-        dl = _f16_value(data[:, 108:110]) * xp.astype(unpack_q3_scales(data[:, 96:108]), xp.float32)
+        dl = f16_value(data[:, 108:110]) * xp.astype(unpack_q3_scales(data[:, 96:108]), xp.float32)
         high = _unpack_bits(data[:, :32])
         q = xp.astype(unpack_2bit(data[:, 32:96]), xp.int8) - xp.astype((high ^ 1) << 2, xp.int8)
         return (dl[:, :, None] * xp.astype(q.reshape(-1, 16, 16), xp.float32)).reshape(-1, QK_K)
@@ -395,7 +378,7 @@ class Q6_K(_KQuant, qtype=T.Q6_K):
             xp.minimum(nearest_int(iscale[:, None] * scales), const(xp, 127, live, xp.int32)), xp.int8
         )
         dl = f16_round(d)[:, None] * xp.astype(sc, xp.float32)
-        codes = _requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -32, 31)
+        codes = requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -32, 31)
         out = _pack_q6(codes, sc, _f16_bytes(d))
         out[~live] = 0  # an all-zero super-block is all zero bytes
         return out
@@ -411,7 +394,7 @@ class Q6_K(_KQuant, qtype=T.Q6_K):
         q = xp.concat([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # [half, quarter, l]
         qh = data[:, 128:192].reshape(-1, 2, 1, 32)
         q = q | (xp.concat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2) << 4)
-        dl = _f16_value(data[:, 208:210]) * xp.astype(
+        dl = f16_value(data[:, 208:210]) * xp.astype(
             bitcast(contiguous(data[:, 192:208]), "int8"), xp.float32
         )
         q = xp.astype(q.reshape(-1, 16, 16), xp.int8) - 32

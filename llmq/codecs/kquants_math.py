@@ -39,6 +39,26 @@ def f16_round(v: Array) -> Array:
         return xp.astype(xp.astype(v, xp.float16), xp.float32)
 
 
+def f16_value(b: Array) -> Array:
+    """The float32 value of f16 fields stored as bytes ``(n, 2)``: ``(n, 1)``."""
+    xp = array_namespace(b)
+    return xp.astype(bitcast(contiguous(b), "float16"), xp.float32)
+
+
+def requantize(x: Array, codes: Array, d: Array, dm: Array | None, lo: int, hi: int) -> Array:
+    """Redo the codes with the stored (rounded) sub-block scales, as each `_ref` encoder's last pass.
+
+    ``x``/``codes``: ``(n, subs, size)``; ``d``/``dm``: ``(n, subs)``. Sub-blocks whose scale is 0
+    keep the search's codes; others get ``clamp(nearest_int((x + dm) / d), lo, hi) - lo``.
+    """
+    xp = array_namespace(x)
+    live = d != 0
+    with errstate(x):
+        v = x if dm is None else x + dm[..., None]
+        l = xp.clip(nearest_int(v / xp.where(live, d, const(xp, 1, d))[..., None]), lo, hi) - lo
+    return xp.where(live[..., None], xp.astype(l, xp.uint8), codes)
+
+
 def _chunks(n: int, k: int):
     step = max(1, _CHUNK_VALUES // k)
     for s in range(0, n, step):

@@ -14,13 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .kquants_math import pack_scale_min_k4, unpack_scale_min_k4
+from .kquants_math import f16_value, pack_scale_min_k4, requantize, unpack_scale_min_k4
 
 PASSES = 3  # sweeps over the neighbours; a fourth changes almost nothing on SmolLM2's ffn_down
-
-
-def _f16(data: np.ndarray, at: int) -> np.ndarray:
-    return np.ascontiguousarray(data[:, at : at + 2]).view(np.float16).astype(np.float32)[:, 0]
 
 
 def _search(
@@ -55,23 +51,23 @@ def refine_k4(
     ``weights`` ``(n, 256)`` weigh the squared error; ``pack(header, codes)`` is the type's packer.
     """
     n = blocks.shape[0]
-    d, dmin = _f16(data, 0), _f16(data, 2)
+    d, dmin = f16_value(data[:, 0:2]), f16_value(data[:, 2:4])  # (n, 1)
     sc, mn = (v.astype(np.int32) for v in unpack_scale_min_k4(data[:, 4:16]))
     x, w = blocks.reshape(n, 8, 32), weights.reshape(n, 8, 32)
+    unset = np.zeros(x.shape, np.uint8)  # a zero scale decodes to -ml whatever the code
 
     def codes(s: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dl = (d[:, None] * s.astype(np.float32))[..., None]
-        ml = (dmin[:, None] * m.astype(np.float32))[..., None]
-        q = np.clip(np.rint((x + ml) / np.where(dl == 0, 1, dl)), 0, nmax)
-        q = np.where(dl == 0, 0, q)  # a zero scale decodes to -ml whatever the code
-        return q, dl * q - ml
+        # the values' codes re-rounded as the encoder's last pass does, and what they decode to
+        dl, ml = d * s.astype(np.float32), dmin * m.astype(np.float32)
+        q = requantize(x, unset, dl, ml, 0, nmax)
+        return q, dl[..., None] * q - ml[..., None]
 
     def error(s: np.ndarray, m: np.ndarray) -> np.ndarray:
         return (w * (x - codes(s, m)[1]) ** 2).sum(-1)
 
     steps = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
     sc, mn = _search(error, sc, mn, steps, 0, 63)
-    q = codes(sc, mn)[0].astype(np.uint8).reshape(n, 256)
+    q = codes(sc, mn)[0].reshape(n, 256)
     header = np.concatenate(
         [data[:, :4], pack_scale_min_k4(sc.astype(np.uint8), mn.astype(np.uint8))], axis=1
     )
@@ -86,21 +82,21 @@ def refine_q6(
     ``pack(codes, sc, d_bytes)`` is Q6_K's packer (codes 0..63); all-zero super-blocks stay zero.
     """
     n = blocks.shape[0]
-    d = _f16(data, 208)
+    d = f16_value(data[:, 208:210])  # (n, 1)
     sc = np.ascontiguousarray(data[:, 192:208]).view(np.int8).astype(np.int32)
     x, w = blocks.reshape(n, 16, 16), weights.reshape(n, 16, 16)
+    unset = np.full(x.shape, 32, np.uint8)
 
     def codes(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dl = (d[:, None] * s.astype(np.float32))[..., None]
-        q = np.clip(np.rint(x / np.where(dl == 0, 1, dl)), -32, 31)
-        q = np.where(dl == 0, 0, q)
-        return q, dl * q
+        dl = d * s.astype(np.float32)
+        q = requantize(x, unset, dl, None, -32, 31)  # 0..63, stored as q + 32
+        return q, dl[..., None] * (q.astype(np.float32) - 32)
 
     def error(s: np.ndarray, _m: np.ndarray) -> np.ndarray:
         return (w * (x - codes(s)[1]) ** 2).sum(-1)
 
     zero = np.zeros_like(sc)
     sc, _ = _search(error, sc, zero, [(-2, 0), (-1, 0), (1, 0), (2, 0)], -128, 127)
-    q = (codes(sc)[0] + 32).astype(np.uint8).reshape(n, 256)
+    q = codes(sc)[0].reshape(n, 256)
     out = pack(q, sc.astype(np.int8), np.ascontiguousarray(data[:, 208:210]))
-    return np.where((d == 0)[:, None], data, out)
+    return np.where(d == 0, data, out)
