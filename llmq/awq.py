@@ -30,6 +30,7 @@ from .arch import ArchSpec, ScaleGroup
 from .clip import THREADS, clip_search, group_bounds, output_error
 from .codecs import REGISTRY, GroupCodec
 from .errors import LlmqError
+from .gptq import encode_feedback, feedback_factor
 from .search import LayerReport
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ class AWQConfig:
         refine: after llama.cpp's importance-weighted K-quant encoder, search each sub-block's
             neighbouring scale (and min) codes for a lower importance-weighted error
             (`llmq.codecs.krefine`; Q4_K, Q5_K, Q6_K), in the search's candidates and in the file.
+        gptq: store each linear with error-feedback rounding (`llmq.gptq`): the encoder's scales
+            and mins, the codes re-chosen column by column against the input's second moment, so
+            the layer's output error falls (types with an integer grid: Q4_0…Q8_0, Q4_K…Q6_K).
+            The search's candidates are scored without it; the file and the next layer's
+            ``quant`` inputs use it.
     """
 
     n_grid: int = 20
@@ -82,6 +88,7 @@ class AWQConfig:
     holdout: bool = False
     skip_first: int = 0
     refine: bool = False
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -108,15 +115,24 @@ class Target:
     group: int
     refine: bool = False
 
-    def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        """``w`` as the file will hold it: encoded with this type (and importance), decoded back."""
-        return self.codec_class().decode(self.encode(w, importance), w.shape)
+    def fake_quant(
+        self, w: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``w`` as the file will hold it: encoded with this type (and importance), decoded back.
 
-    def encode(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        ``gram`` (the input's second moment) selects error-feedback rounding where the type has a grid.
+        """
+        return self.codec_class().decode(self.encode(w, importance, gram), w.shape)
+
+    def encode(
+        self, w: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None = None
+    ) -> np.ndarray:
         codec = self.codec_class()
         w = np.ascontiguousarray(w, dtype=np.float32)
         if issubclass(codec, GroupCodec) and self.group != codec.block_size:
             return codec.encode_grouped(w, self.group, importance)
+        if gram is not None and codec.supports_grid:
+            return encode_feedback(codec, w, feedback_factor(gram), importance, refine=self.refine)
         return codec.encode(w, importance, refine=self.refine)
 
     def codec_class(self) -> Any:
@@ -232,6 +248,8 @@ class AWQSearch:
         report.importance = {
             name: (st.mean_sq if cfg.weighted else None) for group, st in groups for name in group.linears
         }
+        if cfg.gptq:  # the readers' input second moments, after the folded scales
+            report.hessians = {name: st.mean_gram.numpy() for group, st in groups for name in group.linears}
         return report
 
     def _prev_term(

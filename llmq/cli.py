@@ -58,6 +58,7 @@ def _convert(args: argparse.Namespace) -> int:
         holdout=args.awq_holdout,
         skip_first=args.awq_skip_first,
         refine=args.awq_refine,
+        gptq=args.awq_gptq,
     )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
@@ -245,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after llama.cpp's K-quant encoder, search each sub-block's neighbouring 6-bit scale/min "
         "codes for a lower importance-weighted error (Q4_K, Q5_K, Q6_K; bytes no longer llama.cpp's)",
+    )
+    a.add_argument(
+        "--awq-gptq",
+        action="store_true",
+        help="store with error-feedback (GPTQ) rounding: the encoder's scales, codes re-chosen column by "
+        "column to lower each layer's output error on the calibration inputs",
     )
     a.add_argument("--no-scale", action="store_true", help="skip the scale search")
     a.add_argument("--no-clip", action="store_true", help="skip the clip search")

@@ -25,6 +25,7 @@ from .calib import CalibConfig, Calibration, prepare_calibration
 from .codecs import REGISTRY, GroupCodec
 from .config import QuantConfig
 from .errors import LlmqError
+from .gptq import encode_feedback, feedback_factor
 from .imatrix_io import ImatrixFile, add_imatrix_metadata, read_imatrix
 from .plan import TensorPlan, plan_tensors
 from .report import add_search_metadata, search_summary, write_search_report
@@ -101,15 +102,22 @@ def to_gguf_layout(plan: TensorPlan, arch: ArchSpec, config: object, t: torch.Te
 
 
 def encode(
-    plan: TensorPlan, t: torch.Tensor, importance: np.ndarray | None = None, *, refine: bool = False
+    plan: TensorPlan,
+    t: torch.Tensor,
+    importance: np.ndarray | None = None,
+    *,
+    refine: bool = False,
+    gram: np.ndarray | None = None,
 ) -> np.ndarray:
     """The bytes of one tensor in its planned type and grouping, encoded a slab of rows at a time.
 
     ``importance`` (per column, for linears) selects llama.cpp's importance-weighted encoder;
-    ``refine`` the codec's refinement past it (`llmq.codecs.krefine`).
+    ``refine`` the codec's refinement past it (`llmq.codecs.krefine`); ``gram`` (the input's
+    second moment) error-feedback rounding on the codec's grid (`llmq.gptq`) where it has one.
     """
     codec = REGISTRY[plan.codec]
     grouped = issubclass(codec, GroupCodec) and plan.group != codec.block_size
+    factor = None if gram is None or grouped or not codec.supports_grid else feedback_factor(gram)
     rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
     out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // rows.shape[1])
@@ -117,6 +125,8 @@ def encode(
         x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
         if grouped:
             out[start : start + step] = codec.encode_grouped(x, plan.group, importance)
+        elif factor is not None:  # rows are independent under error feedback: slabs are exact
+            out[start : start + step] = encode_feedback(codec, x, factor, importance, refine=refine)
         else:
             out[start : start + step] = codec.encode(x, importance, refine=refine)
     return out
@@ -206,7 +216,8 @@ def quantized_tensors(
                 x = to_gguf_layout(p, arch, ckpt.config, params[p.source.removeprefix(prefix)])
                 imp = report.importance.get(module_name(p, arch)) if p.role == "linear" else None
                 refined = refine and p.role == "linear"
-                yield p, encode(p, x, imatrix.get(p.name) if imp is None else imp, refine=refined)
+                gram = report.hessians.get(module_name(p, arch)) if p.role == "linear" else None
+                yield p, encode(p, x, imatrix.get(p.name) if imp is None else imp, refine=refined, gram=gram)
             if flow is not None and inputs == "quant":  # next inputs from the layer as quantized
                 load_quantized(layer, targets, report)
                 flow.advance(layer)
@@ -227,7 +238,9 @@ def load_quantized(layer: torch.nn.Module, targets: dict[str, Target], report: L
     with torch.no_grad():
         for name, t in targets.items():
             module = layer.get_submodule(name)
-            q = t.fake_quant(module.weight.data.numpy(), report.importance.get(name))
+            q = t.fake_quant(
+                module.weight.data.numpy(), report.importance.get(name), report.hessians.get(name)
+            )
             module.weight.copy_(torch.from_numpy(q))
 
 

@@ -44,6 +44,7 @@ def awq_settings_text(awq: AWQConfig) -> str:
     text = f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
     text += " holdout=on" if awq.holdout else ""
     text += " refine=on" if awq.refine else ""
+    text += " gptq=on" if awq.gptq else ""
     return text + (f" skip_first={awq.skip_first}" if awq.skip_first else "")
 
 

@@ -33,6 +33,8 @@ class LayerReport:
     method: str
     details: dict[str, Any] = field(default_factory=dict)
     importance: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+    # linear -> its input's second moment (K, K), for error-feedback rounding (`llmq.gptq`)
+    hessians: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "method": self.method, **self.details}

@@ -13,7 +13,8 @@ Rows (``--rows``, comma-separated ``METHOD:QUANT``):
   quantized layer), ``awq-fpin-noclip`` (both), ``awq-prev`` (``--awq-prev-error``),
   ``awq-holdout`` (``--awq-holdout``), ``awq-fpin-noclip-holdout`` (all three), ``awq-sink``
   (``--awq-skip-first 1``), ``awq-fpin-noclip-sink`` (with ``fp`` inputs and ``--no-clip``),
-  ``awq-refine`` (``--awq-refine``), ``awq-fpin-noclip-refine``, and
+  ``awq-refine`` (``--awq-refine``), ``awq-fpin-noclip-refine``, ``awq-refine-gptq`` and
+  ``awq-fpin-noclip-refine-gptq`` (with ``--awq-gptq``), and
   ``imatrix``: llama.cpp's ``llama-quantize --imatrix FILE`` of the F16 file, FILE an importance
   matrix (mean x^2 per input column, llama.cpp's GGUF imatrix format) that llmq
   computes from the same calibration windows.
@@ -86,6 +87,16 @@ METHODS = {
     "awq-sink": ["--method", "awq", "--awq-skip-first", "1"],
     "awq-refine": ["--method", "awq", "--awq-refine"],
     "awq-fpin-noclip-refine": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-refine"],
+    "awq-fpin-noclip-refine-gptq": [
+        "--method",
+        "awq",
+        "--awq-inputs",
+        "fp",
+        "--no-clip",
+        "--awq-refine",
+        "--awq-gptq",
+    ],
+    "awq-refine-gptq": ["--method", "awq", "--awq-refine", "--awq-gptq"],
 }
 # llama.cpp's route, as its users run it: an importance matrix file (llmq computes it from the same
 # calibration windows; `llama-imatrix` would write the same format), then `llama-quantize --imatrix`,

@@ -207,6 +207,20 @@ class Codec:
         """Encoded ``data`` of ``blocks`` improved under the per-element error ``weights`` (default: as is)."""
         return data
 
+    # Types whose values decode as ``step * code + offset`` (an integer ``code`` in ``[lo, hi]``, per
+    # value) implement these two; error-feedback rounding (`llmq.gptq`) re-chooses the codes.
+    supports_grid: ClassVar[bool] = False
+
+    @classmethod
+    def grid_blocks(cls, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """``(step, offset, codes, lo, hi)`` of encoded ``data``: arrays of the blocks' shape."""
+        raise NotImplementedError(f"{cls.name} has no integer grid")
+
+    @classmethod
+    def with_codes(cls, data: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """``data`` with its values' codes replaced by ``codes`` (same scales, mins and layout)."""
+        raise NotImplementedError(f"{cls.name} has no integer grid")
+
     @classmethod
     def decode(cls, data: Array, shape: tuple[int, ...]) -> Array:
         """Decode GGUF bytes back to a float32 tensor of ``shape`` (a torch tensor stays on its device)."""

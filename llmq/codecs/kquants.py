@@ -29,7 +29,7 @@ from .kquants_math import (
     unpack_q3_scales,
     unpack_scale_min_k4,
 )
-from .krefine import refine_k4, refine_q6
+from .krefine import grid_k4, grid_q6, q6_scales, refine_k4, refine_q6
 from .quants_math import GROUP_MAX_EPS, make_qkx3_quants, make_qx_quants, seq_sum
 from .xp import (
     Array,
@@ -163,6 +163,16 @@ class _AsymmetricK4(_KQuant):
     @classmethod
     def _pack(cls, header: Array, codes: Array) -> Array:
         raise NotImplementedError
+
+    supports_grid = True
+
+    @classmethod
+    def grid_blocks(cls, data):
+        return grid_k4(data, cls._codes(data), cls.nmax)
+
+    @classmethod
+    def with_codes(cls, data, codes):
+        return cls._pack(data[:, :16], codes.astype("uint8"))
 
 
 def _asymmetric_k4_decode(data: Array, q: Array) -> Array:
@@ -314,8 +324,12 @@ class Q4_K(_AsymmetricK4, qtype=T.Q4_K):
         return array_namespace(header).concat([header, _nibbles_k(codes)], axis=1)
 
     @classmethod
+    def _codes(cls, data):
+        return _unnibble_k(data[:, 16:])
+
+    @classmethod
     def decode_blocks(cls, data):
-        return _asymmetric_k4_decode(data, _unnibble_k(data[:, 16:]))
+        return _asymmetric_k4_decode(data, cls._codes(data))
 
 
 # [d: f16][dmin: f16][scales: 12 B as Q4_K][qh: 32 B, bit 2 c (+1) of byte l = bit 4 of value 64 c + l
@@ -330,8 +344,12 @@ class Q5_K(_AsymmetricK4, qtype=T.Q5_K):
         return array_namespace(header).concat([header, qh, _nibbles_k(codes)], axis=1)
 
     @classmethod
+    def _codes(cls, data):
+        return _unnibble_k(data[:, 48:]) | (_unpack_bits(data[:, 16:48]) << 4)
+
+    @classmethod
     def decode_blocks(cls, data):
-        return _asymmetric_k4_decode(data, _unnibble_k(data[:, 48:]) | (_unpack_bits(data[:, 16:48]) << 4))
+        return _asymmetric_k4_decode(data, cls._codes(data))
 
 
 def _pack_q6(codes: Array, sc: Array, d_bytes: Array) -> Array:
@@ -387,15 +405,29 @@ class Q6_K(_KQuant, qtype=T.Q6_K):
     def refine_blocks(cls, blocks, weights, data):
         return refine_q6(blocks, weights, data, _pack_q6)
 
+    supports_grid = True
+
     @classmethod
-    def decode_blocks(cls, data):
+    def grid_blocks(cls, data):
+        return grid_q6(data, cls._codes(data))
+
+    @classmethod
+    def with_codes(cls, data, codes):
+        return _pack_q6(codes.astype("uint8"), q6_scales(data), contiguous(data[:, 208:210]))
+
+    @classmethod
+    def _codes(cls, data):
         xp = array_namespace(data)
         ql = data[:, :128].reshape(-1, 2, 2, 32)  # [half, first/second 32 bytes, l]
         q = xp.concat([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # [half, quarter, l]
         qh = data[:, 128:192].reshape(-1, 2, 1, 32)
-        q = q | (xp.concat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2) << 4)
+        return (q | (xp.concat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2) << 4)).reshape(-1, QK_K)
+
+    @classmethod
+    def decode_blocks(cls, data):
+        xp = array_namespace(data)
         dl = f16_value(data[:, 208:210]) * xp.astype(
             bitcast(contiguous(data[:, 192:208]), "int8"), xp.float32
         )
-        q = xp.astype(q.reshape(-1, 16, 16), xp.int8) - 32
+        q = xp.astype(cls._codes(data).reshape(-1, 16, 16), xp.int8) - 32
         return (dl[:, :, None] * xp.astype(q, xp.float32)).reshape(-1, QK_K)

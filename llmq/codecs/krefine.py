@@ -83,7 +83,7 @@ def refine_q6(
     """
     n = blocks.shape[0]
     d = f16_value(data[:, 208:210])  # (n, 1)
-    sc = np.ascontiguousarray(data[:, 192:208]).view(np.int8).astype(np.int32)
+    sc = q6_scales(data).astype(np.int32)
     x, w = blocks.reshape(n, 16, 16), weights.reshape(n, 16, 16)
     unset = np.full(x.shape, 32, np.uint8)
 
@@ -100,3 +100,21 @@ def refine_q6(
     q = codes(sc)[0].reshape(n, 256)
     out = pack(q, sc.astype(np.int8), np.ascontiguousarray(data[:, 208:210]))
     return np.where(d == 0, data, out)
+
+
+def q6_scales(data: np.ndarray) -> np.ndarray:
+    """Q6_K's 16 int8 sub-block scales ``(n, 16)``."""
+    return np.ascontiguousarray(data[:, 192:208]).view(np.int8)
+
+
+def grid_k4(data: np.ndarray, codes: np.ndarray, nmax: int):
+    """`Codec.grid_blocks` of Q4_K/Q5_K bytes: x = (d * sc) * q - dmin * m, per sub-block of 32."""
+    sc, mn = (v.astype(np.float32) for v in unpack_scale_min_k4(data[:, 4:16]))
+    step, off = f16_value(data[:, 0:2]) * sc, -(f16_value(data[:, 2:4]) * mn)
+    return np.repeat(step, 32, axis=1), np.repeat(off, 32, axis=1), codes, 0, nmax
+
+
+def grid_q6(data: np.ndarray, codes: np.ndarray):
+    """`Codec.grid_blocks` of Q6_K bytes: x = d * sc * (q - 32), per sub-block of 16."""
+    step = np.repeat(f16_value(data[:, 208:210]) * q6_scales(data).astype(np.float32), 16, axis=1)
+    return step, -32 * step, codes, 0, 63

@@ -82,9 +82,30 @@ def _f16_value(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(_F32)
 
 
+class _Grid:
+    """`Codec.grid_blocks`/`with_codes` of a legacy type: x = d * (code - zero) (+ m), codes 0..top."""
+
+    supports_grid = True
+    zero: int = 0  # Q4_0: 8, Q5_0: 16; the asymmetric types add their f16 min instead
+    top: int
+
+    @classmethod
+    def grid_blocks(cls, data):
+        d = _f16_value(data[:, :2])
+        m = _f16_value(data[:, 2:4]) if not cls.symmetric else -cls.zero * d
+        codes = cls.codes(data)
+        return np.broadcast_to(d, codes.shape), np.broadcast_to(m, codes.shape), codes, 0, cls.top
+
+    @classmethod
+    def with_codes(cls, data, codes):
+        m = None if cls.symmetric else _f16_value(data[:, 2:4])
+        return cls.pack_codes(codes.astype(np.uint8), _f16_value(data[:, :2]), m)
+
+
 # [d: f16][qs: 16 B, lo nibble = values 0..15, hi nibble = values 16..31]; x = d * (q - 8)
-class Q4_0(GroupCodec, qtype=T.Q4_0):
+class Q4_0(_Grid, GroupCodec, qtype=T.Q4_0):
     bits = 4
+    zero, top = 8, 15
     supports_importance = True
 
     @classmethod
@@ -105,14 +126,19 @@ class Q4_0(GroupCodec, qtype=T.Q4_0):
         return np.concatenate([_f16_bytes(d), _pack_nibbles(codes)], axis=1)
 
     @classmethod
+    def codes(cls, data):
+        return _unpack_nibbles(data[:, 2:])
+
+    @classmethod
     def decode_blocks(cls, data):
-        q = _unpack_nibbles(data[:, 2:]).astype(np.int8) - np.int8(8)
+        q = cls.codes(data).astype(np.int8) - np.int8(8)
         return _f16_value(data[:, :2]) * q.astype(_F32)
 
 
 # [d: f16][m: f16][qs: 16 B, lo nibble first]; x = d * q + m
-class Q4_1(GroupCodec, qtype=T.Q4_1):
+class Q4_1(_Grid, GroupCodec, qtype=T.Q4_1):
     bits = 4
+    top = 15
     symmetric = False
     supports_importance = True
 
@@ -133,14 +159,19 @@ class Q4_1(GroupCodec, qtype=T.Q4_1):
         return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_nibbles(codes)], axis=1)
 
     @classmethod
+    def codes(cls, data):
+        return _unpack_nibbles(data[:, 4:])
+
+    @classmethod
     def decode_blocks(cls, data):
-        q = _unpack_nibbles(data[:, 4:]).astype(_F32)
+        q = cls.codes(data).astype(_F32)
         return _f16_value(data[:, :2]) * q + _f16_value(data[:, 2:4])
 
 
 # [d: f16][qh: 4 B, bit j = bit 4 of q[j]][qs: 16 B low nibbles, lo nibble first]; x = d * (q - 16)
-class Q5_0(GroupCodec, qtype=T.Q5_0):
+class Q5_0(_Grid, GroupCodec, qtype=T.Q5_0):
     bits = 5
+    zero, top = 16, 31
     supports_importance = True
 
     @classmethod
@@ -161,14 +192,19 @@ class Q5_0(GroupCodec, qtype=T.Q5_0):
         return np.concatenate([_f16_bytes(d), _pack_high_bits(codes), _pack_nibbles(codes)], axis=1)
 
     @classmethod
+    def codes(cls, data):
+        return _unpack_nibbles(data[:, 6:]) | _unpack_high_bits(data[:, 2:6])
+
+    @classmethod
     def decode_blocks(cls, data):
-        q = _unpack_nibbles(data[:, 6:]) | _unpack_high_bits(data[:, 2:6])
+        q = cls.codes(data)
         return _f16_value(data[:, :2]) * (q.astype(np.int8) - np.int8(16)).astype(_F32)
 
 
 # [d: f16][m: f16][qh: 4 B][qs: 16 B]; x = d * q + m
-class Q5_1(GroupCodec, qtype=T.Q5_1):
+class Q5_1(_Grid, GroupCodec, qtype=T.Q5_1):
     bits = 5
+    top = 31
     symmetric = False
     supports_importance = True
 
@@ -191,9 +227,12 @@ class Q5_1(GroupCodec, qtype=T.Q5_1):
         )
 
     @classmethod
+    def codes(cls, data):
+        return _unpack_nibbles(data[:, 8:]) | _unpack_high_bits(data[:, 4:8])
+
+    @classmethod
     def decode_blocks(cls, data):
-        q = _unpack_nibbles(data[:, 8:]) | _unpack_high_bits(data[:, 4:8])
-        return _f16_value(data[:, :2]) * q.astype(_F32) + _f16_value(data[:, 2:4])
+        return _f16_value(data[:, :2]) * cls.codes(data).astype(_F32) + _f16_value(data[:, 2:4])
 
 
 # [d: f16][qs: 32 x int8]; x = d * q
@@ -217,6 +256,18 @@ class Q8_0(GroupCodec, qtype=T.Q8_0):
     def pack_codes(cls, codes, d, m):
         # codes: the int8 values' bytes
         return np.concatenate([_f16_bytes(d), codes], axis=1)
+
+    supports_grid = True
+
+    @classmethod
+    def grid_blocks(cls, data):
+        codes = data[:, 2:].view(np.int8)
+        d = np.broadcast_to(_f16_value(data[:, :2]), codes.shape)
+        return d, np.zeros_like(d), codes, -128, 127
+
+    @classmethod
+    def with_codes(cls, data, codes):
+        return cls.pack_codes(codes.astype(np.int8).view(np.uint8), _f16_value(data[:, :2]), None)
 
     @classmethod
     def decode_blocks(cls, data):
