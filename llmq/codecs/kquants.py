@@ -22,11 +22,16 @@ from .kquants_math import (
     make_qp_quants,
     nearest_int,
     pack_2bit,
+    pack_nibbles_k,
     pack_q3_scales,
+    pack_q6,
     pack_scale_min_k4,
     requantize,
     unpack_2bit,
+    unpack_bits,
+    unpack_nibbles_k,
     unpack_q3_scales,
+    unpack_q6,
     unpack_scale_min_k4,
 )
 from .krefine import grid_k4, grid_q6, q6_scales, refine_k4, refine_q6
@@ -185,24 +190,6 @@ def _asymmetric_k4_decode(data: Array, q: Array) -> Array:
     return y.reshape(-1, QK_K)
 
 
-def _nibbles_k(codes: Array) -> Array:
-    # byte 32 c + l: value 64 c + l in the low nibble, 64 c + 32 + l in the high one
-    q = codes.reshape(-1, 4, 2, 32)
-    return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
-
-
-def _unnibble_k(qs: Array) -> Array:
-    xp = array_namespace(qs)
-    q = qs.reshape(-1, 4, 1, 32)
-    return xp.concat([q & 0x0F, q >> 4], axis=2).reshape(-1, QK_K)
-
-
-def _unpack_bits(b: Array) -> Array:
-    # inverse of `pack_bits`: bit j of byte l is value 32 j + l
-    xp = array_namespace(b)
-    return xp.concat([(b >> j) & 1 for j in range(8)], axis=1)
-
-
 def _signed_max_scale(xp, scales: Array) -> Array:
     # the sub-block scale of largest magnitude, sign kept, first of equals (the C loop's strict `>`)
     return take_rows(xp, scales, xp.argmax(xp.abs(scales), axis=1))
@@ -308,7 +295,7 @@ class Q3_K(_KQuant, qtype=T.Q3_K):
     def decode_blocks(cls, data):
         xp = array_namespace(data)
         dl = f16_value(data[:, 108:110]) * xp.astype(unpack_q3_scales(data[:, 96:108]), xp.float32)
-        high = _unpack_bits(data[:, :32])
+        high = unpack_bits(data[:, :32])
         q = xp.astype(unpack_2bit(data[:, 32:96]), xp.int8) - xp.astype((high ^ 1) << 2, xp.int8)
         return (dl[:, :, None] * xp.astype(q.reshape(-1, 16, 16), xp.float32)).reshape(-1, QK_K)
 
@@ -321,11 +308,11 @@ class Q4_K(_AsymmetricK4, qtype=T.Q4_K):
 
     @classmethod
     def _pack(cls, header, codes):
-        return array_namespace(header).concat([header, _nibbles_k(codes)], axis=1)
+        return array_namespace(header).concat([header, pack_nibbles_k(codes)], axis=1)
 
     @classmethod
     def _codes(cls, data):
-        return _unnibble_k(data[:, 16:])
+        return unpack_nibbles_k(data[:, 16:])
 
     @classmethod
     def decode_blocks(cls, data):
@@ -341,28 +328,15 @@ class Q5_K(_AsymmetricK4, qtype=T.Q5_K):
     @classmethod
     def _pack(cls, header, codes):
         qh = pack_bits((codes >> 4).reshape(-1, 8, 32))
-        return array_namespace(header).concat([header, qh, _nibbles_k(codes)], axis=1)
+        return array_namespace(header).concat([header, qh, pack_nibbles_k(codes)], axis=1)
 
     @classmethod
     def _codes(cls, data):
-        return _unnibble_k(data[:, 48:]) | (_unpack_bits(data[:, 16:48]) << 4)
+        return unpack_nibbles_k(data[:, 48:]) | (unpack_bits(data[:, 16:48]) << 4)
 
     @classmethod
     def decode_blocks(cls, data):
         return _asymmetric_k4_decode(data, cls._codes(data))
-
-
-def _pack_q6(codes: Array, sc: Array, d_bytes: Array) -> Array:
-    """Q6_K bytes from codes ``(n, 256)`` in 0..63, int8 scales ``(n, 16)`` and ``d``'s two bytes."""
-    xp = array_namespace(codes)
-    n = codes.shape[0]
-    v = codes.reshape(n, 2, 4, 32)  # [half, quarter, l]
-    ql = xp.concat([v[:, :, 0] & 0x0F, v[:, :, 1] & 0x0F], axis=2) | (
-        xp.concat([v[:, :, 2] & 0x0F, v[:, :, 3] & 0x0F], axis=2) << 4
-    )
-    top = v >> 4
-    qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)
-    return xp.concat([ql.reshape(n, 128), qh.reshape(n, 64), bitcast(sc, "uint8"), d_bytes], axis=1)
 
 
 # [ql: 128 B low nibbles][qh: 64 B, 2 high bits][scales: 16 x int8][d: f16]; x = d * sc * (q - 32)
@@ -397,13 +371,13 @@ class Q6_K(_KQuant, qtype=T.Q6_K):
         )
         dl = f16_round(d)[:, None] * xp.astype(sc, xp.float32)
         codes = requantize(blocks.reshape(n, 16, 16), codes.reshape(n, 16, 16), dl, None, -32, 31)
-        out = _pack_q6(codes, sc, _f16_bytes(d))
+        out = pack_q6(codes, sc, _f16_bytes(d))
         out[~live] = 0  # an all-zero super-block is all zero bytes
         return out
 
     @classmethod
     def refine_blocks(cls, blocks, weights, data):
-        return refine_q6(blocks, weights, data, _pack_q6)
+        return refine_q6(blocks, weights, data, pack_q6)
 
     supports_grid = True
 
@@ -413,15 +387,11 @@ class Q6_K(_KQuant, qtype=T.Q6_K):
 
     @classmethod
     def with_codes(cls, data, codes):
-        return _pack_q6(codes.astype("uint8"), q6_scales(data), contiguous(data[:, 208:210]))
+        return pack_q6(codes.astype("uint8"), q6_scales(data), contiguous(data[:, 208:210]))
 
     @classmethod
     def _codes(cls, data):
-        xp = array_namespace(data)
-        ql = data[:, :128].reshape(-1, 2, 2, 32)  # [half, first/second 32 bytes, l]
-        q = xp.concat([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # [half, quarter, l]
-        qh = data[:, 128:192].reshape(-1, 2, 1, 32)
-        return (q | (xp.concat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2) << 4)).reshape(-1, QK_K)
+        return unpack_q6(data)
 
     @classmethod
     def decode_blocks(cls, data):

@@ -264,3 +264,43 @@ def unpack_2bit(qs: Array) -> Array:
     xp = array_namespace(qs)
     q = xp.reshape(qs, (-1, 2, 1, 32))
     return xp.reshape(xp.concat([(q >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2), (-1, 256))
+
+
+def pack_nibbles_k(codes: Array) -> Array:
+    # byte 32 c + l: value 64 c + l in the low nibble, 64 c + 32 + l in the high one
+    q = codes.reshape(-1, 4, 2, 32)
+    return ((q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)).reshape(-1, 128)
+
+
+def unpack_nibbles_k(qs: Array) -> Array:
+    xp = array_namespace(qs)
+    q = qs.reshape(-1, 4, 1, 32)
+    return xp.concat([q & 0x0F, q >> 4], axis=2).reshape(-1, 256)
+
+
+def unpack_bits(b: Array) -> Array:
+    # inverse of `pack_bits`: bit j of byte l is value 32 j + l
+    xp = array_namespace(b)
+    return xp.concat([(b >> j) & 1 for j in range(8)], axis=1)
+
+
+def pack_q6(codes: Array, sc: Array, d_bytes: Array) -> Array:
+    """Q6_K bytes from codes ``(n, 256)`` in 0..63, int8 scales ``(n, 16)`` and ``d``'s two bytes."""
+    xp = array_namespace(codes)
+    n = codes.shape[0]
+    v = codes.reshape(n, 2, 4, 32)  # [half, quarter, l]
+    ql = xp.concat([v[:, :, 0] & 0x0F, v[:, :, 1] & 0x0F], axis=2) | (
+        xp.concat([v[:, :, 2] & 0x0F, v[:, :, 3] & 0x0F], axis=2) << 4
+    )
+    top = v >> 4
+    qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)
+    return xp.concat([ql.reshape(n, 128), qh.reshape(n, 64), bitcast(sc, "uint8"), d_bytes], axis=1)
+
+
+def unpack_q6(data: Array) -> Array:
+    """Q6_K's codes ``(n, 256)`` in 0..63 from its bytes (inverse of `pack_q6`)."""
+    xp = array_namespace(data)
+    ql = data[:, :128].reshape(-1, 2, 2, 32)  # [half, first/second 32 bytes, l]
+    q = xp.concat([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)  # [half, quarter, l]
+    qh = data[:, 128:192].reshape(-1, 2, 1, 32)
+    return (q | (xp.concat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2) << 4)).reshape(-1, 256)
