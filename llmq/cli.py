@@ -37,6 +37,10 @@ def _convert(args: argparse.Namespace) -> int:
         raise LlmqError(
             f"--{calib_opts[0].replace('_', '-')} applies to --method awq, not --method {cfg.method}"
         )
+    awq_flags = [o for o in ("awq_prev_error", "awq_holdout", "awq_refine", "awq_gptq") if getattr(args, o)]
+    if cfg.method != "awq" and (awq_flags or args.awq_skip_first):
+        flag = awq_flags[0] if awq_flags else "awq_skip_first"
+        raise LlmqError(f"--{flag.replace('_', '-')} applies to --method awq, not --method {cfg.method}")
     from .awq import AWQConfig
     from .calib import CalibConfig
 

@@ -148,3 +148,16 @@ def test_awq_gptq_through_the_cli(tmp_path: Path) -> None:
         tensors[True]["token_embd.weight"].data.tobytes()
         == tensors[False]["token_embd.weight"].data.tobytes()
     )
+
+
+def test_awq_flags_are_refused_without_awq(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmq.cli import main
+
+    model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32)
+    out = tmp_path / "x.gguf"
+    for flag in ("--awq-gptq", "--awq-refine"):
+        assert (
+            main(["convert", str(model), "--quant", "Q4_K_M", "--method", "rtn", "-o", str(out), flag]) != 0
+        )
+        assert f"{flag} applies to --method awq, not --method rtn" in capsys.readouterr().err
+        assert not out.exists()
