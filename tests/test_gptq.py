@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from tiny_models import convert_awq_pair, make_tiny_llama
 
 from llmq.codecs import REGISTRY
 from llmq.errors import LlmqError
 from llmq.gptq import encode_feedback, feedback_factor
 from llmq.pipeline import encode
 from llmq.plan import TensorPlan
-from llmq.report import parse_awq_text
 
 GRID = sorted(n for n, c in REGISTRY.items() if c.supports_grid)
 
@@ -123,20 +121,10 @@ def test_pipeline_encode_falls_back_where_a_type_has_no_grid() -> None:
 
 
 def test_awq_gptq_through_the_cli(tmp_path: Path) -> None:
-    from llmq.cli import main
-
-    model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32, outliers=4.0)
-    base = ["convert", str(model), "--quant", "Q4_K_M", "--calib-samples", "4", "--calib-seqlen", "32"]
-    base += ["--calib-batch", "2", "--no-card", "-q"]
-    outs = {}
-    for gptq in (False, True):
-        outs[gptq] = tmp_path / f"g{int(gptq)}.gguf"
-        assert main([*base, "-o", str(outs[gptq]), *(["--awq-gptq"] if gptq else [])]) == 0
-    readers = {g: gguf.GGUFReader(p) for g, p in outs.items()}
-    assert parse_awq_text(readers[True].fields["llmq.awq"].contents())["gptq"] == "on"
-    assert "gptq" not in parse_awq_text(readers[False].fields["llmq.awq"].contents())
-    assert json.loads(outs[True].with_suffix(".search.json").read_text())["awq"]["gptq"] is True
-    tensors = {g: {t.name: t for t in rd.tensors} for g, rd in readers.items()}
+    words, tensors, report = convert_awq_pair(tmp_path, "--awq-gptq")
+    assert words[True]["gptq"] == "on"
+    assert "gptq" not in words[False]
+    assert report["awq"]["gptq"] is True
     changed = 0
     for name, t in tensors[True].items():
         other = tensors[False][name]

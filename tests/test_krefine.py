@@ -3,18 +3,16 @@ never a higher weighted error than llama.cpp's encoder block by block, and wired
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from tiny_models import convert_awq_pair
 
 from llmq.codecs import REGISTRY, Codec
 from llmq.errors import FormatError
-from llmq.report import parse_awq_text
 
 REFINED = sorted(
     n for n, c in REGISTRY.items() if c.refine_blocks.__func__ is not Codec.refine_blocks.__func__
@@ -68,20 +66,10 @@ def test_refinement_applies_only_where_a_type_has_it() -> None:
 
 
 def test_awq_refine_through_the_cli(tmp_path: Path) -> None:
-    from llmq.cli import main
-
-    model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32, outliers=4.0)
-    base = ["convert", str(model), "--quant", "Q4_K_M", "--calib-samples", "4", "--calib-seqlen", "32"]
-    base += ["--calib-batch", "2", "--no-card", "-q"]
-    outs = {}
-    for refine in (False, True):
-        outs[refine] = tmp_path / f"r{int(refine)}.gguf"
-        assert main([*base, "-o", str(outs[refine]), *(["--awq-refine"] if refine else [])]) == 0
-    readers = {r: gguf.GGUFReader(p) for r, p in outs.items()}
-    assert parse_awq_text(readers[True].fields["llmq.awq"].contents())["refine"] == "on"
-    assert "refine" not in parse_awq_text(readers[False].fields["llmq.awq"].contents())
-    assert json.loads(outs[True].with_suffix(".search.json").read_text())["awq"]["refine"] is True
-    tensors = {r: {t.name: t for t in rd.tensors} for r, rd in readers.items()}
+    words, tensors, report = convert_awq_pair(tmp_path, "--awq-refine")
+    assert words[True]["refine"] == "on"
+    assert "refine" not in words[False]
+    assert report["awq"]["refine"] is True
     changed = 0
     for name, t in tensors[True].items():
         other = tensors[False][name]

@@ -112,3 +112,29 @@ def logit_kl(model_dir: Path, gguf_path: Path, tokens: torch.Tensor) -> float:
         a = torch.log_softmax(fp(tokens).logits, -1)
         b = torch.log_softmax(q(tokens).logits, -1)
     return float((a.exp() * (a - b)).sum(-1).mean())  # KL(fp || quantized)
+
+
+def convert_awq_pair(
+    tmp_path: Path, flag: str
+) -> tuple[dict[bool, dict[str, object]], dict[bool, dict], dict]:
+    """A tiny Llama converted to Q4_K_M by AWQ without and with ``flag``.
+
+    Returns ``{with_flag: llmq.awq words}``, ``{with_flag: {tensor name: gguf tensor}}`` and the
+    flagged run's search report.
+    """
+    import gguf
+
+    from llmq.cli import main
+    from llmq.report import parse_awq_text
+
+    model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32, outliers=4.0)
+    base = ["convert", str(model), "--quant", "Q4_K_M", "--calib-samples", "4", "--calib-seqlen", "32"]
+    base += ["--calib-batch", "2", "--no-card", "-q"]
+    words, tensors = {}, {}
+    for on in (False, True):
+        out = tmp_path / f"{flag.strip('-')}{int(on)}.gguf"
+        assert main([*base, "-o", str(out), *([flag] if on else [])]) == 0
+        reader = gguf.GGUFReader(out)
+        words[on] = parse_awq_text(reader.fields["llmq.awq"].contents())
+        tensors[on] = {t.name: t for t in reader.tensors}
+    return words, tensors, json.loads(out.with_suffix(".search.json").read_text())
