@@ -1,7 +1,9 @@
 """NumPy reference kernels (installed as ``llmq.kernels``): decode and dequant-matmul for every format.
 
 Installed under the llmq namespace on purpose: a top-level ``kernels`` module would shadow the
-Hugging Face package of that name, which transformers probes for.
+Hugging Face package of that name, which transformers imports. Python run from the repository root
+still finds this folder first as a top-level ``kernels``; it then hands the name over to the next
+``kernels`` on the path (Hugging Face's) and exposes nothing of its own (`_hand_over`).
 
 Formats live in ``FORMATS``, keyed by name: the GGUF block types (``Q4_0``, ``Q4_1``, ``Q5_0``,
 ``Q5_1``, ``Q8_0``, the K-quants ``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``, and ``F16``,
@@ -20,12 +22,35 @@ Example:
 
 from __future__ import annotations
 
-from . import kquant_blocks  # noqa: F401  (registers the K-quant formats)
-from .activations import VEC_DOT_TYPE, round_activations
-from .awq import AWQ_ORDER, AWQInt4, AWQPacked, pack_awq
-from .base import FORMATS, KernelFormat, get_format
-from .gguf_blocks import GGUFBlockFormat
-from .ops import DEFAULT_TILE_ROWS, dequantize, matmul, row_slice
+import sys
+
+
+def _hand_over(folder: str) -> None:
+    """Replace this folder, imported as top-level ``kernels``, by the next ``kernels`` on ``sys.path``."""
+    import importlib.util
+    from importlib.machinery import PathFinder
+    from pathlib import Path
+
+    root = Path(folder).resolve().parent.parent
+    path = [p for p in sys.path if Path(p or ".").resolve() != root]
+    spec = PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":  # the repository root is on sys.path: this is not the package asked for
+    _hand_over(__file__)
+else:
+    from . import kquant_blocks  # noqa: F401  (registers the K-quant formats)
+    from .activations import VEC_DOT_TYPE, round_activations
+    from .awq import AWQ_ORDER, AWQInt4, AWQPacked, pack_awq
+    from .base import FORMATS, KernelFormat, get_format
+    from .gguf_blocks import GGUFBlockFormat
+    from .ops import DEFAULT_TILE_ROWS, dequantize, matmul, row_slice
 
 __all__ = [
     "AWQ_ORDER",
