@@ -1,4 +1,4 @@
-"""llmq: weight-only LLM quantization into GGUF files that llama.cpp runs.
+"""llmq: weight-only LLM quantization into GGUF files (llama.cpp) and safetensors checkpoints (transformers, vLLM).
 
 Example:
     >>> import llmq
@@ -18,11 +18,14 @@ from .calib import CalibConfig
 from .codecs import REGISTRY as CODECS
 from .codecs import Codec, get_codec
 from .config import QuantConfig
+from .encoding import EncoderConfig
 from .errors import FormatError, LlmqError, OutputExistsError, SourceError, UnsupportedArchitectureError
 from .inspect import inspect_gguf
-from .pipeline import ConvertResult, convert
+from .pipeline import convert
 from .plan import TensorPlan, plan_tensors
 from .quantize import QuantizedModel, quantize
+from .result import ConvertResult
+from .sinks import FORMATS
 from .source import Checkpoint, resolve_source
 from .stream import LayerStream
 from .writers import GGUFStreamWriter
@@ -38,6 +41,8 @@ __all__ = [
     "Checkpoint",
     "Codec",
     "ConvertResult",
+    "EncoderConfig",
+    "FORMATS",
     "FormatError",
     "GGUFStreamWriter",
     "LayerStream",

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .errors import LlmqError
 
 if TYPE_CHECKING:
     from .calib import Calibration
@@ -121,45 +120,16 @@ class InputStats:
         n: tokens seen.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        device: str | torch.device = "cpu",
-        *,
-        halves: bool = False,
-        skip_first: int = 0,
-    ) -> None:
-        # skip_first: leading positions of every (batch, seq, C) window left out (attention sinks)
-        self.skip_first = skip_first
+    def __init__(self, channels: int, device: str | torch.device = "cpu") -> None:
         self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
-        # with halves: the Gram of the even-numbered mini-batches too, for a held-out check
-        self.gram_even = torch.zeros_like(self.gram) if halves else None
-        self.n_even = 0
-        self._batches = 0
 
     def add(self, x: torch.Tensor) -> None:
-        if self.skip_first:
-            assert x.dim() == 3, "skip_first needs (batch, seq, channels) inputs"
-            x = x[:, self.skip_first :]
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        g = (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
-        self.gram += g
-        if self.gram_even is not None and self._batches % 2 == 0:
-            self.gram_even += g
-            self.n_even += x2.shape[0]
-        self._batches += 1
+        self.gram += (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
         self.abs_sum += x2.abs().sum(0).double()
         self.n += x2.shape[0]
-
-    def gram_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``G`` over the even- and over the odd-numbered mini-batches (float32), for ``halves`` stats."""
-        if self.gram_even is None or self.n_even in (0, self.n):
-            raise LlmqError("a held-out check needs halves=True statistics of at least two mini-batches")
-        even = self.gram_even / self.n_even
-        odd = (self.gram - self.gram_even) / (self.n - self.n_even)
-        return even.float().cpu(), odd.float().cpu()
 
     @property
     def mean_gram(self) -> torch.Tensor:
@@ -179,8 +149,6 @@ class InputStats:
         """Statistics of ``x / s``: what the linear sees once ``s`` is folded into the op before it."""
         s64 = s.double().to(self.gram.device)
         self.gram /= s64[:, None] * s64[None, :]
-        if self.gram_even is not None:
-            self.gram_even /= s64[:, None] * s64[None, :]
         self.abs_sum /= s64
 
 
@@ -205,8 +173,7 @@ def capture_inputs(
         store: the layer's input activations; overwritten with its outputs when ``write_outputs``.
         runner: runs the layer (mask, positions).
         write_outputs: replace each mini-batch by the layer's output (the next layer's input).
-        new_stats: builds each module's `InputStats` from (channels, device); the caller binds
-            its options (``functools.partial(InputStats, halves=True)``).
+        new_stats: builds each module's `InputStats` from (channels, device).
 
     Returns:
         module name -> its `InputStats`.

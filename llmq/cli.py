@@ -37,43 +37,24 @@ def _convert(args: argparse.Namespace) -> int:
         raise LlmqError(
             f"--{calib_opts[0].replace('_', '-')} applies to --method awq, not --method {cfg.method}"
         )
-    awq_flags = [o for o in ("awq_prev_error", "awq_holdout", "awq_refine", "awq_gptq") if getattr(args, o)]
-    if cfg.method != "awq" and (awq_flags or args.awq_skip_first):
-        flag = awq_flags[0] if awq_flags else "awq_skip_first"
-        raise LlmqError(f"--{flag.replace('_', '-')} applies to --method awq, not --method {cfg.method}")
-    from .awq import AWQConfig
     from .calib import CalibConfig
 
     calib = CalibConfig(
         args.calib or "self",
         n_samples=128 if args.calib_samples is None else args.calib_samples,
         seqlen=512 if args.calib_seqlen is None else args.calib_seqlen,
-        batch_size=args.calib_batch,
         seed=args.seed,
-    )
-    awq = AWQConfig(
-        n_grid=args.awq_grid,
-        duo_scaling=not args.act_scaling,
-        scale=not args.no_scale,
-        clip=not args.no_clip,
-        weighted=not args.no_weighting,
-        inputs=args.awq_inputs,
-        prev_error=args.awq_prev_error,
-        holdout=args.awq_holdout,
-        skip_first=args.awq_skip_first,
-        refine=args.awq_refine,
-        gptq=args.awq_gptq,
     )
     command = "llmq " + " ".join(shlex.quote(a) for a in args.argv)
     result = convert(
         args.src,
         args.output,
         cfg,
+        formats=args.format,
         calib=calib,
-        awq=awq,
         imatrix=args.imatrix,
         device=args.device,
-        write_report=not args.no_report,
+        write_report=not args.no_card,
         overwrite=args.force,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
@@ -111,6 +92,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(format_info(inspect_gguf(args.file), tensors=not args.no_tensors))
     return 0
 
+
+FORMATS_HELP = ("gguf", "compressed-tensors", "awq")
 
 # Where the project keeps WikiText-2 (the shared data folder beside the repo), relative to the CWD.
 DEFAULT_TEXT = Path("../shared/data/wikitext-2-raw/wiki.test.raw")
@@ -154,126 +137,95 @@ def _eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llmq", description="Weight-only LLM quantizer: HF checkpoint -> GGUF."
+        prog="llmq",
+        description="Weight-only LLM quantizer: HF checkpoint -> GGUF (llama.cpp) and safetensors (transformers, vLLM).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step decides")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser(
         "convert",
-        help="quantize a Hugging Face checkpoint into a GGUF file",
-        description="Quantize a Hugging Face checkpoint (local directory or hub id) into a GGUF file. "
-        "Give either --quant NAME, or a group-wise scheme with --bits/--group/--sym "
+        help="quantize a Hugging Face checkpoint into GGUF and/or safetensors checkpoints",
+        description="Quantize a Hugging Face checkpoint (local directory or hub id) into a GGUF file "
+        "(llama.cpp), a compressed-tensors or an AutoAWQ checkpoint (transformers, vLLM), or several of "
+        "them from one search. Give either --quant NAME, or a group-wise scheme with --bits/--group/--sym "
         "(default: --bits 4 --group 32, asymmetric = Q4_1). The default method, AWQ, calibrates on "
-        "--calib (default: text sampled from the model itself) and writes its report OUT.search.json.",
+        "--calib (default: text sampled from the model itself) with the settings measured best for the "
+        "type (see README).",
     )
     c.add_argument("src", help="model directory (config.json + *.safetensors) or hub id owner/name")
-    c.add_argument("-o", "--output", help="output .gguf path (default: <model>-<quant>.gguf here)")
-    c.add_argument(
-        "--quant",
-        help="GGUF type or llama.cpp mix by name: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K ... F16 BF16 F32, or "
-        "Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K (per-tensor types as llama-quantize)",
+    io = c.add_argument_group("input and output")
+    io.add_argument(
+        "-o",
+        "--output",
+        help="output path of the first format (default: <model>-<quant>.gguf, or a directory)",
     )
-    c.add_argument(
+    io.add_argument(
+        "--format",
+        default="gguf",
+        metavar="FMT[,FMT]",
+        help=f"output formats, comma-separated, written from one search: {', '.join(FORMATS_HELP)} "
+        "(default gguf; further outputs go beside the first)",
+    )
+    io.add_argument("-f", "--force", action="store_true", help="overwrite outputs that exist")
+    io.add_argument(
+        "--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (trusted sources)"
+    )
+    io.add_argument(
+        "--no-card", action="store_true", help="write neither the model card nor the search report"
+    )
+    q = c.add_argument_group("quantization")
+    q.add_argument(
+        "--quant",
+        help="GGUF type (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K F16 BF16 F32) or llama.cpp mix "
+        "(Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K: per-tensor types as llama-quantize)",
+    )
+    q.add_argument("--bits", type=int, help="bits per weight: 4, 5 or 8 (default 4)")
+    q.add_argument(
+        "--group",
+        type=int,
+        help="values sharing a scale: a multiple of 32, or -1 per output row (default 32)",
+    )
+    q.add_argument("--sym", action="store_true", help="symmetric quantization (no zero-point)")
+    q.add_argument(
         "--tensor-type",
         action="append",
         metavar="PATTERN=TYPE",
         help="store tensors whose GGUF name matches the regex PATTERN as TYPE (repeatable, first match "
-        "wins; e.g. ffn_down=Q6_K, 'blk\\.[0-3]\\.attn_v=Q8_0'), as llama-quantize --tensor-type",
+        "wins; e.g. ffn_down=Q6_K), as llama-quantize --tensor-type",
     )
-    c.add_argument(
-        "--imatrix",
-        metavar="FILE",
-        help="importance matrix (llama.cpp GGUF or legacy .dat, e.g. from `llmq imatrix`) weighing "
-        "round-to-nearest encoding; implies --method rtn",
+    q.add_argument(
+        "--embed-type", help="GGUF type of token embeddings and output (default Q8_0; F16 for float files)"
     )
-    c.add_argument("--bits", type=int, help="bits per weight, 2..8 (GGUF stores 4, 5, 8); default 4")
-    c.add_argument(
-        "--group", type=int, help="values sharing a scale: a multiple of 32, or -1 per output row; default 32"
-    )
-    c.add_argument("--sym", action="store_true", help="symmetric quantization (no zero-point)")
-    c.add_argument(
-        "--embed-type", help="type of token embeddings and output (default Q8_0; F16 for float files)"
-    )
-    c.add_argument(
+    q.add_argument(
         "--method",
         choices=("awq", "rtn"),
-        help="awq (default): activation-aware scales + clipping + importance-weighted encoding; "
-        "rtn: round to nearest, no calibration (float types always use rtn; default with --imatrix)",
+        help="awq (default): activation-aware search and importance-weighted encoding; rtn: round to "
+        "nearest, no calibration, llama.cpp's bytes (default with --imatrix)",
     )
-    a = c.add_argument_group("calibration and AWQ search (--method awq)")
+    q.add_argument(
+        "--imatrix",
+        metavar="FILE",
+        help="importance matrix (llama.cpp GGUF or .dat) weighing round-to-nearest encoding; implies --method rtn",
+    )
+    a = c.add_argument_group("calibration (--method awq)")
     a.add_argument(
         "--calib",
         metavar="SRC",
-        help="calibration text: a file (plain text, or .jsonl with a 'text' field), hub:<owner/dataset>[/file] "
-        "(default file for mit-han-lab/pile-val-backup), or self: sampled from the model (default, offline)",
+        help="calibration text: a file (plain text, or .jsonl with a 'text' field), hub:<owner/dataset>[/file], "
+        "or self: sampled from the model (default, offline)",
     )
     a.add_argument("--calib-samples", type=int, metavar="N", help="calibration windows (default 128)")
     a.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per window (default 512)")
-    a.add_argument(
-        "--calib-batch", type=int, default=8, metavar="B", help="windows per forward pass (default 8)"
-    )
     a.add_argument("--seed", type=int, default=0, help="seed of window offsets and self-sampling (default 0)")
-    a.add_argument(
-        "--awq-inputs",
-        choices=("fp", "quant"),
-        default="quant",
-        help="next layer's calibration inputs: outputs of the quantized layer (default) or of the FP one "
-        "(fp: AutoAWQ's choice, one forward pass less per layer)",
-    )
-    a.add_argument(
-        "--awq-grid", type=int, default=20, metavar="N", help="scale exponent grid points (default 20)"
-    )
-    a.add_argument(
-        "--act-scaling", action="store_true", help="activation-only scales mean|x|^a (default: duo)"
-    )
-    a.add_argument(
-        "--awq-prev-error",
-        action="store_true",
-        help="also score the quantization error of the linear a scale folds into (up_proj for up -> down)",
-    )
-    a.add_argument(
-        "--awq-holdout",
-        action="store_true",
-        help="choose scales on half the calibration mini-batches, keep them only if the other half agrees",
-    )
-    a.add_argument(
-        "--awq-skip-first",
-        type=int,
-        default=0,
-        metavar="N",
-        help="leave the first N positions of every calibration window (the attention sink) out of "
-        "the statistics (default 0)",
-    )
-    a.add_argument(
-        "--awq-refine",
-        action="store_true",
-        help="after llama.cpp's K-quant encoder, search each sub-block's neighbouring 6-bit scale/min "
-        "codes for a lower importance-weighted error (Q4_K, Q5_K, Q6_K; bytes no longer llama.cpp's)",
-    )
-    a.add_argument(
-        "--awq-gptq",
-        action="store_true",
-        help="store with error-feedback (GPTQ) rounding: the encoder's scales, codes re-chosen column by "
-        "column to lower each layer's output error on the calibration inputs",
-    )
-    a.add_argument("--no-scale", action="store_true", help="skip the scale search")
-    a.add_argument("--no-clip", action="store_true", help="skip the clip search")
-    a.add_argument(
-        "--no-weighting",
-        action="store_true",
-        help="search and store with round-to-nearest, not importance-weighted",
-    )
-    a.add_argument(
+    r = c.add_argument_group("run")
+    r.add_argument(
         "--device", default="cpu", help="where calibration forwards run: cpu (default), cuda, cuda:1 ..."
     )
-    a.add_argument("--no-report", action="store_true", help="do not write OUT.search.json")
-    c.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
-    c.add_argument(
-        "--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (trusted sources)"
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what each step decides"
     )
-    c.add_argument("--no-card", action="store_true", help="do not write the model card OUT.md")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_convert)
 
     m = sub.add_parser(
@@ -295,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="where the forwards run (default cpu)")
     m.add_argument("-f", "--force", action="store_true", help="overwrite the output if it exists")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    m.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what each step decides"
+    )
     m.set_defaults(func=_imatrix)
 
     i = sub.add_parser(
@@ -341,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp and torch")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what each step decides"
+    )
     e.set_defaults(func=_eval)
     return parser
 
@@ -356,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except LlmqError as e:
         print(f"llmq: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, an unwritable directory: the outputs were removed
+        print(f"llmq: error: {e}; no output written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmq: interrupted; no output written", file=sys.stderr)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .awq import Target
+from .encoding import Target
 
 # threads scoring grid points at once (results do not depend on it); NumPy's codecs release the GIL
 THREADS = min(2, os.cpu_count() or 1)

@@ -59,8 +59,11 @@ class QuantConfig:
         )
         if self.quant is not None:
             object.__setattr__(self, "quant", self.quant.upper())
-            if self.quant not in MIXES:
-                get_codec(self.quant)
+            if self.quant not in MIXES and self.quant not in REGISTRY:
+                raise FormatError(
+                    f"unknown type or mix {self.quant!r}; types: {', '.join(sorted(REGISTRY))}; "
+                    f"llama.cpp mixes: {', '.join(MIXES)}"
+                )
             if self.group_size != 32 and self.group_size != self.codec.block_size:
                 raise FormatError(
                     f"--quant {self.quant} fixes the block layout; drop --group {self.group_size}"

@@ -8,22 +8,19 @@ Files in llama.cpp's formats: `llmq.imatrix_io`.
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .activations import CalibrationFlow
-from .arch import get_arch
+from .awq import AWQConfig
 from .calib import CalibConfig, prepare_calibration
 from .config import QuantConfig
+from .engine import calibrate, open_job, run
 from .imatrix_io import write_imatrix
-from .plan import plan_tensors
-from .source import Checkpoint, resolve_source
-from .stream import LayerStream
+from .sinks import ImatrixSink
+from .source import resolve_source
 
 
 def compute_imatrix(
@@ -32,14 +29,18 @@ def compute_imatrix(
     *,
     device: str = "cpu",
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> dict[str, np.ndarray]:
     """Mean x^2 per input column of every decoder-layer linear, from the FP model's activations.
+
+    The engine with an importance-matrix sink and no search: the FP layers' outputs feed the next.
 
     Args:
         src: model directory or hub id.
         calib: calibration settings (default ``self``), or your own ``(n, seqlen)`` token tensor.
         device: where the layer forwards run.
         progress: show a progress bar.
+        allow_pickle: accept ``.bin`` checkpoints (loaded with ``weights_only=True``).
 
     Returns:
         GGUF tensor name (``blk.0.attn_q.weight``) -> float32 ``(in_features,)``.
@@ -48,30 +49,14 @@ def compute_imatrix(
         >>> imat = compute_imatrix("SmolLM2-135M-Instruct", CalibConfig("groups_merged.txt"))
         >>> quantize_with_llama_cpp("smol.F16.gguf", "smol.Q4_0.gguf", "Q4_0", imatrix=imat)
     """
-    model_dir = resolve_source(src)
-    ckpt = Checkpoint(model_dir)
-    arch = get_arch(ckpt.config, source=str(model_dir / "config.json"))
-    plans = plan_tensors(ckpt, arch, QuantConfig(quant="F16"))
-    calibration = prepare_calibration(model_dir, calib, progress=progress)
-    flow = CalibrationFlow.from_checkpoint(calibration, ckpt, arch, device=device)
-    stream = LayerStream(ckpt, arch)
-    out: dict[str, np.ndarray] = {}
-    try:
-        layers = itertools.groupby((p for p in plans if p.layer is not None), key=lambda p: p.layer)
-        for index, group in tqdm(layers, total=stream.n_layers, desc="imatrix", disable=not progress):
-            layer = stream.load(index)
-            stats = flow.capture(layer, [g.linears[0] for g in arch.scale_groups], write_outputs=True)
-            by_module = {name: stats[g.linears[0]] for g in arch.scale_groups for name in g.linears}
-            prefix = arch.layer_prefix.format(i=index)
-            for p in group:
-                module = p.source.removeprefix(prefix).rsplit(".", 1)[0] if p.source else ""
-                if p.role == "linear" and module in by_module:
-                    out[p.name] = by_module[module].mean_sq
-            del layer, stats
-            ckpt.release()
-    finally:
-        flow.close()
-    return out
+    job = open_job(
+        src, QuantConfig(quant="F16"), awq=AWQConfig(inputs="fp"), device=device, allow_pickle=allow_pickle,
+        progress=progress,
+    )  # fmt: skip
+    sink = ImatrixSink()
+    calibrate(job, calib)
+    run(job, [sink])
+    return sink.entries
 
 
 def imatrix_file(

@@ -89,6 +89,8 @@ def format_info(info: GGUFInfo, *, tensors: bool = True) -> str:
     lines = [f"{info.path}  ({info.path.stat().st_size / 2**20:.1f} MiB)", "", "metadata:"]
     for k, v in info.metadata.items():
         text = repr(v) if not isinstance(v, str) else v
+        if k == "general.file_type" and isinstance(v, int):  # llama.cpp's enum, by name
+            text = f"{v} ({_file_type_name(v)})"
         text = text.replace("\n", "\\n")
         lines.append(f"  {k:45s} {text[:100]}{'…' if len(text) > 100 else ''}")
     lines += ["", f"{'type':6s} {'tensors':>8s} {'parameters':>14s} {'MiB':>9s} {'bits/weight':>11s}"]
@@ -103,3 +105,12 @@ def format_info(info: GGUFInfo, *, tensors: bool = True) -> str:
         for t in info.tensors:
             lines.append(f"{t.name:40s} {t.type:6s} {'x'.join(map(str, t.shape)):>16s} {t.nbytes:12,d}")
     return "\n".join(lines)
+
+
+def _file_type_name(value: int) -> str:
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return "unknown"

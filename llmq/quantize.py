@@ -1,29 +1,27 @@
-"""`llmq.quantize`: the conversion pipeline for research code, returning weights instead of a file."""
+"""`llmq.quantize`: the conversion engine for research code, returning weights instead of a file."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .arch import ScaleGroup, get_arch
+from .arch import ScaleGroup
 from .awq import AWQConfig
-from .calib import CalibConfig, Calibration, prepare_calibration
+from .calib import CalibConfig, Calibration
 from .codecs import REGISTRY
 from .config import QuantConfig
+from .encoding import EncoderConfig
+from .engine import calibrate, needs_statistics, open_job, run
 from .errors import LlmqError
 from .imatrix_io import ImatrixFile
-from .pipeline import load_imatrix, quantized_tensors
-from .plan import TensorPlan, plan_tensors
-from .search import LayerReport, get_search
-from .source import Checkpoint, resolve_source
+from .plan import TensorPlan
+from .search import LayerReport
+from .sinks import MemorySink
 
 
 @dataclass
@@ -70,13 +68,15 @@ def quantize(
     *,
     calib: CalibConfig | torch.Tensor | None = None,
     awq: AWQConfig | None = None,
+    encoder: EncoderConfig | None = None,
     scale_groups: tuple[ScaleGroup, ...] | None = None,
     tokenizer: Any = None,
     imatrix: str | os.PathLike[str] | ImatrixFile | None = None,
     device: str = "cpu",
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> QuantizedModel:
-    """Quantize a model in memory: the same streaming pipeline as `convert`, without writing a file.
+    """Quantize a model in memory: the same engine as `convert`, with an in-memory sink.
 
     Args:
         model_or_path: a checkpoint directory, a hub id, or a loaded transformers model (saved to a
@@ -84,12 +84,14 @@ def quantize(
         config: quantization settings (default: AWQ, Q4_1).
         calib: a `CalibConfig`, or your own calibration tokens: an int64 ``(n_samples, seqlen)`` tensor.
         awq: AWQ search settings.
+        encoder: encoder options (importance weighting, K-quant refinement, error feedback).
         scale_groups: replace the architecture's scale groups (which op feeds which linears) for
             this run, e.g. to drop a group or to try another loss target.
         tokenizer: with an in-memory model, its tokenizer (needed for text or ``self`` calibration).
         imatrix: an importance matrix (file or `read_imatrix`'s result) weighing round-to-nearest
             encoding, as `convert`'s ``imatrix`` (``method="rtn"`` only).
         device: where calibration forwards run.
+        allow_pickle: accept ``.bin`` checkpoints (loaded with ``weights_only=True``).
         progress: show progress bars.
 
     Returns:
@@ -101,8 +103,10 @@ def quantize(
         >>> w = qm.dequantize("model.layers.0.mlp.down_proj.weight")
         >>> qm.report()[0]["scales"][0]["alpha"]
     """
+    kwargs = dict(config=config, calib=calib, awq=awq, encoder=encoder, scale_groups=scale_groups,
+                  imatrix=imatrix, device=device, allow_pickle=allow_pickle, progress=progress)  # fmt: skip
     if isinstance(model_or_path, (str, os.PathLike)):
-        return _quantize_dir(model_or_path, config, calib, awq, scale_groups, imatrix, device, progress)
+        return _quantize_dir(model_or_path, **kwargs)
     if not hasattr(model_or_path, "save_pretrained"):
         raise LlmqError(
             f"quantize: expected a path, a hub id or a transformers model, got {type(model_or_path).__name__}"
@@ -111,47 +115,15 @@ def quantize(
         model_or_path.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        return _quantize_dir(tmp, config, calib, awq, scale_groups, imatrix, device, progress)
+        return _quantize_dir(tmp, **kwargs)
 
 
 def _quantize_dir(
-    src: str | os.PathLike[str],
-    config: QuantConfig | None,
-    calib: CalibConfig | torch.Tensor | None,
-    awq: AWQConfig | None,
-    scale_groups: tuple[ScaleGroup, ...] | None,
-    imatrix: str | os.PathLike[str] | ImatrixFile | None,
-    device: str,
-    progress: bool,
+    src: str | os.PathLike[str], *, config: QuantConfig | None, calib: Any, **kwargs: Any
 ) -> QuantizedModel:
-    t0 = time.perf_counter()
-    cfg = config or QuantConfig()
-    model_dir = resolve_source(src)
-    ckpt = Checkpoint(Path(model_dir))
-    arch = get_arch(ckpt.config, source=str(Path(model_dir) / "config.json"))
-    if scale_groups is not None:
-        arch = dataclasses.replace(arch, scale_groups=tuple(scale_groups))
-    plans = plan_tensors(ckpt, arch, cfg)
-    imat = load_imatrix(imatrix, plans, cfg) if imatrix is not None else None
-    search = get_search(cfg.method, awq)
-    calibration = (
-        prepare_calibration(Path(model_dir), calib, progress=progress) if search.needs_activations else None
-    )
-    reports: list[LayerReport] = []
-    data = {
-        p.name: b
-        for p, b in quantized_tensors(
-            ckpt,
-            arch,
-            plans,
-            search,
-            calibration=calibration,
-            reports=reports,
-            awq=awq,
-            device=device,
-            progress=progress,
-            desc=f"{cfg.method} {cfg.label}",
-            imatrix=imat.entries if imat is not None else None,
-        )
-    }
-    return QuantizedModel(tuple(plans), data, reports, calibration, time.perf_counter() - t0)
+    job = open_job(src, config, **{k: v for k, v in kwargs.items()})
+    sink = MemorySink()
+    if needs_statistics(job, [sink]):
+        calibrate(job, calib)
+    reports = run(job, [sink])
+    return QuantizedModel(tuple(job.plans), sink.data, reports, job.calibration, job.seconds)

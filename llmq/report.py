@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from .awq import AWQConfig, summarize
 from .config import QuantConfig
+from .encoding import EncoderConfig
 from .search import LayerReport
 
 if TYPE_CHECKING:
     from .calib import Calibration
-    from .pipeline import ConvertResult
     from .writers import GGUFStreamWriter
 
 AWQ_KEY = "llmq.awq"
@@ -37,15 +37,13 @@ SUMMARY_FORMATS: dict[str, str] = {
 SUMMARY_WIDTH = 66
 
 
-def awq_settings_text(awq: AWQConfig) -> str:
-    """The search settings as ``key=value`` words (the head of ``llmq.awq``)."""
+def awq_settings_text(awq: AWQConfig, encoder: EncoderConfig) -> str:
+    """The search and encoder settings as ``key=value`` words (the head of ``llmq.awq``)."""
     scale = ("duo" if awq.duo_scaling else "act") if awq.scale else "off"
     onoff = lambda b: "on" if b else "off"  # noqa: E731
-    text = f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(awq.weighted)} inputs={awq.inputs}"
-    text += " holdout=on" if awq.holdout else ""
-    text += " refine=on" if awq.refine else ""
-    text += " gptq=on" if awq.gptq else ""
-    return text + (f" skip_first={awq.skip_first}" if awq.skip_first else "")
+    text = f"scale={scale} clip={onoff(awq.clip)} weighted={onoff(encoder.weighted)} inputs={awq.inputs}"
+    text += " refine=on" if encoder.refine else ""
+    return text + (" gptq=on" if encoder.feedback else "")
 
 
 def summary_text(reports: list[LayerReport]) -> str:
@@ -86,9 +84,9 @@ def calibration_words(calibration: Calibration) -> str:
     return f"calib={source} samples={n}x{seqlen} seed={calibration.config.seed}"
 
 
-def awq_head(awq: AWQConfig, calibration: Calibration | None) -> str:
+def awq_head(awq: AWQConfig, encoder: EncoderConfig, calibration: Calibration | None) -> str:
     """``llmq.awq`` up to its summary: calibration (if any) and settings."""
-    settings = awq_settings_text(awq)
+    settings = awq_settings_text(awq, encoder)
     return settings if calibration is None else f"{calibration_words(calibration)} {settings}"
 
 
@@ -100,31 +98,44 @@ def kv_bytes(key: str, value: str | int) -> int:
 
 
 def add_search_metadata(
-    w: GGUFStreamWriter, cfg: QuantConfig, awq: AWQConfig | None, calibration: Calibration | None
+    w: GGUFStreamWriter,
+    cfg: QuantConfig,
+    awq: AWQConfig | None,
+    encoder: EncoderConfig,
+    calibration: Calibration | None,
 ) -> None:
     """AWQ: ``llmq.awq`` with a blank summary to patch; other methods: ``llmq.method``."""
     g = w.gguf
     if awq is None:
         g.add_string("llmq.method", cfg.method)
         return
-    g.add_string(AWQ_KEY, f"{awq_head(awq, calibration)} {' ' * SUMMARY_WIDTH}")
+    g.add_string(AWQ_KEY, f"{awq_head(awq, encoder, calibration)} {' ' * SUMMARY_WIDTH}")
     w.reserve(AWQ_KEY)
 
 
 def search_summary(
-    awq: AWQConfig, calibration: Calibration | None, reports: list[LayerReport]
+    awq: AWQConfig, encoder: EncoderConfig, calibration: Calibration | None, reports: list[LayerReport]
 ) -> dict[str, str]:
     """The patched value of ``llmq.awq`` for a finished search (same length as the placeholder)."""
-    return {AWQ_KEY: f"{awq_head(awq, calibration)} {summary_text(reports)}"}
+    return {AWQ_KEY: f"{awq_head(awq, encoder, calibration)} {summary_text(reports)}"}
 
 
-def report_dict(result: ConvertResult, cfg: QuantConfig, awq: AWQConfig) -> dict[str, Any]:
-    calib = result.calibration
+def report_dict(
+    path: Path,
+    cfg: QuantConfig,
+    awq: AWQConfig,
+    encoder: EncoderConfig,
+    calibration: Calibration | None,
+    reports: list[LayerReport],
+    seconds: float,
+) -> dict[str, Any]:
+    calib = calibration
     return {
-        "file": str(result.path),
+        "file": str(path),
         "method": cfg.method,
         "quant": cfg.label,
         "awq": dataclasses.asdict(awq),
+        "encoder": {k: v for k, v in dataclasses.asdict(encoder).items() if k != "grid"},
         "calibration": None
         if calib is None
         else {
@@ -134,20 +145,20 @@ def report_dict(result: ConvertResult, cfg: QuantConfig, awq: AWQConfig) -> dict
             "seed": calib.config.seed,
             "seconds": calib.seconds,
         },
-        "seconds": result.seconds,
-        "summary": summarize(list(result.reports)),
-        "layers": [r.to_dict() for r in result.reports],
+        "seconds": seconds,
+        "summary": summarize(list(reports)),
+        "layers": [r.to_dict() for r in reports],
     }
 
 
 def report_path(out: Path) -> Path:
+    """``OUT.search.json`` beside a GGUF file ``OUT.gguf``."""
     return out.with_suffix(".search.json")
 
 
-def write_search_report(result: ConvertResult, cfg: QuantConfig, awq: AWQConfig) -> Path:
-    """Write ``<out>.search.json`` atomically; return its path."""
-    path = report_path(result.path)
+def write_search_report(path: Path, report: dict[str, Any]) -> Path:
+    """Write a search report (`report_dict`) as JSON atomically; return its path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(report_dict(result, cfg, awq), indent=1) + "\n")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, path)
     return path

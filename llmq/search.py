@@ -18,7 +18,7 @@ from .errors import FormatError
 
 if TYPE_CHECKING:
     from .activations import InputStats
-    from .awq import Target
+    from .encoding import Target
 
 
 @dataclass
@@ -59,11 +59,25 @@ class Search(Protocol):
     ) -> LayerReport: ...
 
 
+SEARCHES: dict[str, type] = {}
+
+
+def register_search(cls: type) -> type:
+    """Class decorator: register a search method under its ``name`` (``llmq.methods`` imports them all)."""
+    assert cls.name not in SEARCHES, cls.name
+    SEARCHES[cls.name] = cls
+    return cls
+
+
+@register_search
 class RoundToNearest:
     """No search: each weight is rounded to the nearest level of its group's grid."""
 
     name = "rtn"
     needs_activations = False
+
+    def __init__(self, config: Any = None) -> None:
+        pass  # nothing to configure
 
     def capture_modules(self, arch: ArchSpec) -> list[str]:
         return []
@@ -79,12 +93,9 @@ class RoundToNearest:
         return LayerReport(index, self.name)
 
 
-def get_search(method: str, awq: Any = None) -> Search:
-    """The search step named ``method`` (``rtn`` or ``awq``; ``awq`` takes an `AWQConfig`)."""
-    if method == "rtn":
-        return RoundToNearest()
-    if method == "awq":
-        from .awq import AWQSearch
-
-        return AWQSearch(awq)
-    raise FormatError(f"--method {method}: choose one of rtn, awq")
+def get_search(method: str, config: Any = None) -> Search:
+    """The registered search named ``method``, built with its ``config`` (e.g. `AWQConfig`) if given."""
+    cls = SEARCHES.get(method)
+    if cls is None:
+        raise FormatError(f"method {method!r}: choose one of {', '.join(SEARCHES)}")
+    return cls(config) if config is not None else cls()

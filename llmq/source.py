@@ -51,7 +51,8 @@ def resolve_source(src: str | os.PathLike[str], *, allow_pickle: bool = False) -
         return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as e:  # network, auth, offline cache miss: all one message for the user
         raise SourceError(
-            f"{text}: could not fetch from the Hugging Face hub ({type(e).__name__}: {e})"
+            f"{text}: no such local directory; tried then as a Hugging Face hub id, which could not be "
+            f"fetched ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
 
 

@@ -14,9 +14,10 @@ from tiny_models import logit_kl, make_tiny_llama
 
 import llmq
 from llmq.activations import CalibrationFlow
-from llmq.awq import AWQConfig, AWQSearch, Target, fold_scales
+from llmq.awq import AWQConfig, AWQSearch, fold_scales
 from llmq.calib import CalibConfig
 from llmq.clip import clip_search, group_bounds, output_error
+from llmq.encoding import EncoderConfig, Target
 from llmq.report import kv_bytes, parse_awq_text
 
 SMALL_CALIB = CalibConfig("self", n_samples=8, seqlen=64, batch_size=4)
@@ -39,9 +40,10 @@ def _layer_and_flow(model_dir: Path, n: int = 4, seqlen: int = 32):
 
 
 def _targets(
-    layer: torch.nn.Module, arch: llmq.ArchSpec, codec: str = "Q4_0", group: int = 32
+    layer: torch.nn.Module, arch: llmq.ArchSpec, codec: str = "Q4_0", group: int = 32, weighted: bool = True
 ) -> dict[str, Target]:
-    return {name: Target(codec, group) for g in arch.scale_groups for name in g.linears}
+    enc = EncoderConfig(weighted=weighted)
+    return {name: Target(codec, group, enc) for g in arch.scale_groups for name in g.linears}
 
 
 def test_gram_loss_equals_the_output_error_over_tokens() -> None:
@@ -81,11 +83,11 @@ def test_search_never_ends_above_the_unscaled_loss(
     tiny: Path, codec: str, group: int, weighted: bool
 ) -> None:
     ckpt, arch, layer, flow = _layer_and_flow(tiny)
-    search = AWQSearch(AWQConfig(weighted=weighted, clip=False, n_grid=10))
+    search = AWQSearch(AWQConfig(clip=False, n_grid=10))
     stats = flow.capture(layer, search.capture_modules(arch), write_outputs=False)
     grams = {k: v.mean_gram.clone() for k, v in stats.items()}
     orig = {n: layer.get_submodule(n).weight.detach().clone() for g in arch.scale_groups for n in g.linears}
-    targets = _targets(layer, arch, codec, group)
+    targets = _targets(layer, arch, codec, group, weighted)
     report = search.run(layer, 0, stats, targets, arch)
     searched = [g for g in report.details["scales"] if "loss_before" in g]
     assert searched, report.details
@@ -288,13 +290,13 @@ def test_cli_awq_offline_with_self_calibration(
         "--calib-seqlen",
         "32",
     ]
-    assert main([*argv, "--calib-batch", "2", "--no-clip", "--awq-inputs", "fp"]) == 0
+    assert main(argv) == 0
     captured = capsys.readouterr()
     assert "calibration: self (4 x 32 tokens)" in captured.err  # the source used is always said
     assert "AWQ calibrated on self" in captured.out
     fields = gguf.GGUFReader(out).fields
     settings = parse_awq_text(fields["llmq.awq"].contents())
-    assert settings["clip"] == "off" and settings["inputs"] == "fp"
+    assert settings["clip"] == "on" and settings["inputs"] == "quant"  # Q4_0's measured recipe
     assert out.with_suffix(".search.json").is_file()
     code = main(["convert", "--method", "rtn", str(tiny), "-o", str(tmp_path / "r.gguf"), "--calib", "x.txt"])
     assert code == 2 and "--calib applies to --method awq" in capsys.readouterr().err
@@ -316,151 +318,3 @@ def test_block_errors_match_a_loop_over_groups() -> None:
         bounds = group_bounds(160, group)
         want = torch.stack([((e[:, a:b] @ gram[a:b, a:b]) * e[:, a:b]).sum(1) for a, b in bounds], 1)
         torch.testing.assert_close(block_errors(e, gram, bounds), want, rtol=1e-5, atol=1e-6)
-
-
-def test_prev_error_scores_the_folded_linear_too() -> None:
-    """With prev_error the up -> down loss adds up_proj's own error (rows / s, quantized, times s)."""
-    gen = torch.Generator().manual_seed(5)
-    up, down = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 48, bias=False)
-    with torch.no_grad():
-        up.weight.copy_(torch.randn(96, 64, generator=gen))
-        down.weight.copy_(torch.randn(48, 96, generator=gen))
-    st_up, st_down = llmq.activations.InputStats(64), llmq.activations.InputStats(96)
-    st_up.add(torch.randn(256, 64, generator=gen))
-    st_down.add(torch.randn(256, 96, generator=gen) * torch.linspace(0.1, 5.0, 96))  # outlier channels
-    t = Target("Q4_0", 32)
-    group = llmq.ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp")
-    prev = (up.weight.data, t, st_up.mean_gram, st_up.mean_sq)
-    search = AWQSearch(AWQConfig(n_grid=10))
-    _, plain = search._search_scales(group, [down], st_down, {"mlp.down_proj": t})
-    s, info = search._search_scales(group, [down], st_down, {"mlp.down_proj": t}, prev)
-
-    def err(w: torch.Tensor, st: llmq.activations.InputStats) -> float:
-        return output_error(w - torch.from_numpy(t.fake_quant(w.numpy(), st.mean_sq)), st.mean_gram)
-
-    e_down, e_up = err(down.weight.data, st_down), err(up.weight.data, st_up)
-    assert plain["loss_before"] == pytest.approx(e_down / 48, rel=1e-6)
-    assert info["loss_before"] == pytest.approx((e_down + e_up) / (48 + 96), rel=1e-6)
-    assert info["loss_after"] <= info["loss_before"]
-    if s is not None:  # the scored loss of the kept scales includes up's error with its rows divided by s
-        q_up = torch.from_numpy(t.fake_quant((up.weight.data / s[:, None]).numpy(), st_up.mean_sq))
-        e_up_s = output_error(up.weight.data - q_up * s[:, None], st_up.mean_gram)
-        assert e_up_s <= info["loss_after"] * (48 + 96) * (1 + 1e-6)
-
-
-def test_prev_term_is_the_linear_a_scale_folds_into(tiny: Path) -> None:
-    ckpt, arch, layer, flow = _layer_and_flow(tiny)
-    targets = _targets(layer, arch)
-    stats = flow.capture(layer, AWQSearch().capture_modules(arch), write_outputs=False)
-    on, off = AWQSearch(AWQConfig(prev_error=True)), AWQSearch(AWQConfig())
-    for group in arch.scale_groups:
-        term = on._prev_term(group, layer, stats, targets, arch)
-        assert off._prev_term(group, layer, stats, targets, arch) is None
-        if group.prev == "mlp.up_proj":  # up -> down: up_proj's weight, with the gate/up input's statistics
-            w, t, gram, imp = term
-            assert w.data_ptr() == layer.get_submodule("mlp.up_proj").weight.data_ptr()
-            assert t is targets["mlp.up_proj"]
-            torch.testing.assert_close(gram, stats["mlp.gate_proj"].mean_gram)
-        elif group.prev.endswith("norm"):
-            assert term is None
-    flow.close()
-
-
-def _holdout_case(odd_outliers: bool) -> tuple[torch.nn.Linear, llmq.activations.InputStats]:
-    # even mini-batches have outlier channels; the odd ones have them too, or not at all
-    gen = torch.Generator().manual_seed(11)
-    down = torch.nn.Linear(96, 48, bias=False)
-    with torch.no_grad():
-        down.weight.copy_(torch.randn(48, 96, generator=gen))
-    st = llmq.activations.InputStats(96, halves=True)
-    ramp = torch.linspace(0.1, 5.0, 96)
-    for i in range(4):
-        x = torch.randn(128, 96, generator=gen)
-        st.add(x * ramp if i % 2 == 0 or odd_outliers else x)
-    return down, st
-
-
-@pytest.mark.parametrize("odd_outliers", [True, False])
-def test_holdout_keeps_scales_only_when_the_other_half_agrees(odd_outliers: bool) -> None:
-    down, st = _holdout_case(odd_outliers)
-    even, odd = st.gram_halves()
-    torch.testing.assert_close((even + odd) / 2, st.mean_gram, rtol=1e-5, atol=1e-5)  # equal halves
-    t = {"mlp.down_proj": Target("Q4_0", 32)}
-    group = llmq.ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp")
-    s, info = AWQSearch(AWQConfig(n_grid=10, holdout=True))._search_scales(group, [down], st, t)
-    w = down.weight.data
-
-    def loss(gram: torch.Tensor, scale: torch.Tensor | None) -> float:  # recomputed independently
-        ws = w if scale is None else w * scale
-        q = torch.from_numpy(
-            t["mlp.down_proj"].fake_quant(
-                ws.numpy(), st.mean_sq if scale is None else st.mean_sq / scale.numpy() ** 2
-            )
-        )
-        return output_error(w - (q if scale is None else q / scale), gram) / 48
-
-    assert info["loss_before"] == pytest.approx(loss(even, None), rel=1e-5)  # chosen on the even half
-    assert info["heldout_before"] == pytest.approx(loss(odd, None), rel=1e-5)
-    if odd_outliers:  # the same statistics on both halves: the scale holds and is kept
-        assert s is not None and info["heldout_after"] < info["heldout_before"]
-        assert info["heldout_after"] == pytest.approx(loss(odd, s), rel=1e-5)
-    else:  # scales fit to outliers the odd half never shows: rejected, weights kept
-        assert s is None and info["fallback"] and info["rejected_alpha"] > 0
-        assert info["heldout_after"] >= info["heldout_before"] and info["loss_after"] == info["loss_before"]
-
-
-def test_holdout_needs_halves(tiny: Path, tmp_path: Path) -> None:
-    st = llmq.activations.InputStats(8)
-    st.add(torch.ones(4, 8))
-    with pytest.raises(llmq.LlmqError, match="held-out"):
-        st.gram_halves()
-    one_batch = CalibConfig("self", n_samples=4, seqlen=32, batch_size=4)
-    with pytest.raises(llmq.LlmqError, match="at least two calibration mini-batches"):
-        llmq.convert(
-            tiny,
-            tmp_path / "h.gguf",
-            llmq.QuantConfig(quant="Q4_0"),
-            calib=one_batch,
-            awq=AWQConfig(holdout=True),
-            progress=False,
-        )
-    assert not (tmp_path / "h.gguf").exists()
-
-
-def test_skip_first_leaves_the_sink_positions_out_of_the_statistics() -> None:
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 10, 16, generator=gen)
-    x[:, 0, 4] = 1000.0  # a massive activation at position 0 of every window (an attention sink)
-    st, ref = llmq.activations.InputStats(16, skip_first=1), llmq.activations.InputStats(16)
-    st.add(x)
-    ref.add(x[:, 1:].reshape(-1, 16))  # what is left, fed as plain tokens
-    assert st.n == ref.n == 27
-    torch.testing.assert_close(st.mean_gram, ref.mean_gram)
-    torch.testing.assert_close(st.mean_abs, ref.mean_abs)
-    assert st.mean_sq[4] < 10  # the sink no longer dominates channel 4
-    with pytest.raises(llmq.LlmqError, match="--awq-skip-first must be >= 0"):
-        AWQConfig(skip_first=-1)
-
-
-def test_skip_first_through_convert_and_cli(
-    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from llmq.cli import main
-
-    base = ["convert", str(tiny), "--quant", "Q4_0", "--calib-samples", "4", "--calib-seqlen", "32"]
-    base += ["--calib-batch", "2", "--no-card", "-q"]
-    outs = {}
-    for k in (0, 1):
-        outs[k] = tmp_path / f"s{k}.gguf"
-        assert main([*base, "-o", str(outs[k]), "--awq-skip-first", str(k)]) == 0
-    fields = gguf.GGUFReader(outs[1]).fields
-    assert parse_awq_text(fields["llmq.awq"].contents())["skip_first"] == 1.0
-    assert "skip_first" not in parse_awq_text(gguf.GGUFReader(outs[0]).fields["llmq.awq"].contents())
-    assert json.loads(outs[1].with_suffix(".search.json").read_text())["awq"]["skip_first"] == 1
-    # the statistics changed, so the stored weights did
-    data = [gguf.GGUFReader(outs[k]).get_tensor(1).data.tobytes() for k in (0, 1)]
-    names = [t.name for t in gguf.GGUFReader(outs[0]).tensors]
-    assert names[1].startswith("blk.0.") and data[0] != data[1]
-    code = main([*base, "-o", str(tmp_path / "bad.gguf"), "--awq-skip-first", "32"])
-    assert code != 0 and "--awq-skip-first 32 leaves nothing of 32-token" in capsys.readouterr().err
-    assert not (tmp_path / "bad.gguf").exists()

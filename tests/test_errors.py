@@ -133,19 +133,22 @@ def test_pickle_checkpoint_refused_unless_allowed(
 def test_interrupted_conversion_leaves_no_file(
     sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import llmq.pipeline
+    import llmq.encoding
+    import llmq.engine
 
     calls = {"n": 0}
-    original = llmq.pipeline.encode
+    original = llmq.encoding.encode_tensor
 
-    def failing(plan, x, importance=None, **kwargs):  # noqa: ANN001, ANN003
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return original(plan, x, importance, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(llmq.pipeline, "encode", failing)
-    assert main(["convert", "--method", "rtn", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q"]) == 130
+    monkeypatch.setattr(llmq.engine, "encode_tensor", failing)
+    monkeypatch.setattr(llmq.encoding, "encode_tensor", failing)
+    argv = ["convert", "--method", "rtn", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q"]
+    assert main([*argv, "--format", "gguf,compressed-tensors,awq"]) == 130
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,9 +11,9 @@ import torch
 from tiny_models import convert_awq_pair, make_tiny_llama
 
 from llmq.codecs import REGISTRY
+from llmq.encoding import EncoderConfig, encode_tensor
 from llmq.errors import LlmqError
 from llmq.gptq import encode_feedback, feedback_factor
-from llmq.pipeline import encode
 from llmq.plan import TensorPlan
 
 GRID = sorted(n for n, c in REGISTRY.items() if c.supports_grid)
@@ -116,15 +116,18 @@ def test_pipeline_encode_falls_back_where_a_type_has_no_grid() -> None:
         plan = TensorPlan(
             "blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", (4, 256), name, 256, 0, "linear"
         )
-        plain, fed = encode(plan, x), encode(plan, x, gram=h)
+        plain, fed = (
+            encode_tensor(plan, x),
+            encode_tensor(plan, x, gram=h, encoder=EncoderConfig(feedback=True)),
+        )
         assert (plain.tobytes() != fed.tobytes()) == changes, name
 
 
 def test_awq_gptq_through_the_cli(tmp_path: Path) -> None:
-    words, tensors, report = convert_awq_pair(tmp_path, "--awq-gptq")
+    words, tensors, report = convert_awq_pair(tmp_path, "feedback")
     assert words[True]["gptq"] == "on"
     assert "gptq" not in words[False]
-    assert report["awq"]["gptq"] is True
+    assert report["encoder"]["feedback"] is True
     changed = 0
     for name, t in tensors[True].items():
         other = tensors[False][name]
@@ -138,14 +141,14 @@ def test_awq_gptq_through_the_cli(tmp_path: Path) -> None:
     )
 
 
-def test_awq_flags_are_refused_without_awq(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_recipe_of_k_mixes(tmp_path: Path) -> None:
+    # the measured best recipe for K mixes is the default: fp inputs, no clip, refinement, feedback
     from llmq.cli import main
+    from llmq.report import parse_awq_text
 
     model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32)
     out = tmp_path / "x.gguf"
-    for flag in ("--awq-gptq", "--awq-refine"):
-        assert (
-            main(["convert", str(model), "--quant", "Q4_K_M", "--method", "rtn", "-o", str(out), flag]) != 0
-        )
-        assert f"{flag} applies to --method awq, not --method rtn" in capsys.readouterr().err
-        assert not out.exists()
+    args = ["convert", str(model), "--quant", "Q4_K_M", "--calib-samples", "4", "--calib-seqlen", "32", "-q"]
+    assert main([*args, "-o", str(out), "--no-card"]) == 0
+    words = parse_awq_text(gguf.GGUFReader(out).fields["llmq.awq"].contents())
+    assert (words["gptq"], words["refine"], words["clip"], words["inputs"]) == ("on", "on", "off", "fp")

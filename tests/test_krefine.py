@@ -66,10 +66,10 @@ def test_refinement_applies_only_where_a_type_has_it() -> None:
 
 
 def test_awq_refine_through_the_cli(tmp_path: Path) -> None:
-    words, tensors, report = convert_awq_pair(tmp_path, "--awq-refine")
+    words, tensors, report = convert_awq_pair(tmp_path, "refine")
     assert words[True]["refine"] == "on"
     assert "refine" not in words[False]
-    assert report["awq"]["refine"] is True
+    assert report["encoder"]["refine"] is True
     changed = 0
     for name, t in tensors[True].items():
         other = tensors[False][name]

@@ -45,6 +45,8 @@ def test_nothing_of_the_folder_imports_as_top_level_kernels() -> None:
 
 def test_python_api_from_the_repo_root() -> None:
     # README's Python API opens a checkpoint config through transformers, which probes `kernels`
-    done = _run("import llmq, llmq.kernels, transformers; from transformers import AutoConfig; print('ok')", ROOT)
+    done = _run(
+        "import llmq, llmq.kernels, transformers; from transformers import AutoConfig; print('ok')", ROOT
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"

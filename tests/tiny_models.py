@@ -115,25 +115,27 @@ def logit_kl(model_dir: Path, gguf_path: Path, tokens: torch.Tensor) -> float:
 
 
 def convert_awq_pair(
-    tmp_path: Path, flag: str
+    tmp_path: Path, option: str
 ) -> tuple[dict[bool, dict[str, object]], dict[bool, dict], dict]:
-    """A tiny Llama converted to Q4_K_M by AWQ without and with ``flag``.
+    """A tiny Llama converted to Q4_K_M by AWQ with the encoder option ``option`` off and on.
 
-    Returns ``{with_flag: llmq.awq words}``, ``{with_flag: {tensor name: gguf tensor}}`` and the
-    flagged run's search report.
+    Returns ``{on: llmq.awq words}``, ``{on: {tensor name: gguf tensor}}`` and the run with the
+    option's search report.
     """
     import gguf
 
-    from llmq.cli import main
+    import llmq
     from llmq.report import parse_awq_text
 
     model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32, outliers=4.0)
-    base = ["convert", str(model), "--quant", "Q4_K_M", "--calib-samples", "4", "--calib-seqlen", "32"]
-    base += ["--calib-batch", "2", "--no-card", "-q"]
+    calib = llmq.CalibConfig("self", n_samples=4, seqlen=32, batch_size=2)
     words, tensors = {}, {}
     for on in (False, True):
-        out = tmp_path / f"{flag.strip('-')}{int(on)}.gguf"
-        assert main([*base, "-o", str(out), *([flag] if on else [])]) == 0
+        out = tmp_path / f"{option}{int(on)}.gguf"
+        llmq.convert(
+            model, out, llmq.QuantConfig(quant="Q4_K_M"), calib=calib, encoder=llmq.EncoderConfig(**{option: on}),
+            progress=False, write_card=False,
+        )  # fmt: skip
         reader = gguf.GGUFReader(out)
         words[on] = parse_awq_text(reader.fields["llmq.awq"].contents())
         tensors[on] = {t.name: t for t in reader.tensors}

@@ -10,6 +10,6 @@ Example:
 from __future__ import annotations
 
 from . import floats, kquants, legacy  # noqa: F401  (registers the classes)
-from .base import REGISTRY, Codec, GroupCodec, get_codec
+from .base import REGISTRY, Codec, GroupCodec, IntegerGrid, get_codec, round_to_dtype
 
-__all__ = ["REGISTRY", "Codec", "GroupCodec", "get_codec"]
+__all__ = ["REGISTRY", "Codec", "GroupCodec", "IntegerGrid", "get_codec", "round_to_dtype"]

@@ -11,6 +11,7 @@ per-column importance and turns it into per-element weights before handing block
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -304,7 +305,12 @@ class GroupCodec(Codec):
 
     @classmethod
     def encode_grouped(
-        cls, x: np.ndarray, group_size: int, importance: np.ndarray | None = None
+        cls,
+        x: np.ndarray,
+        group_size: int,
+        importance: np.ndarray | None = None,
+        *,
+        grid: IntegerGrid | None = None,
     ) -> np.ndarray:
         """Encode ``(..., K)`` with one scale (and min) per ``group_size`` values of a row.
 
@@ -319,6 +325,8 @@ class GroupCodec(Codec):
             x: float tensor whose rows split into whole blocks.
             group_size: a multiple of the block size, or -1 for one group per row.
             importance: optional per-column importance ``(K,)``, as for `encode`.
+            grid: store the groups on the integer-zero-point grid of the safetensors formats
+                (`IntegerGrid`); the search still chooses the range, then it is moved onto that grid.
 
         Returns:
             The GGUF bytes, as `encode` returns them.
@@ -331,7 +339,7 @@ class GroupCodec(Codec):
             raise FormatError(
                 f"{cls.name}: group size {group_size} is not a multiple of the block size {cls.block_size}"
             )
-        if g == cls.block_size:
+        if g == cls.block_size and grid is None:
             return cls.encode(x, importance)
         rows = x.reshape(-1, k)
         w = None
@@ -341,22 +349,76 @@ class GroupCodec(Codec):
             else:
                 cls._check_importance(importance, x.shape)
         full = k - k % g
-        parts = [cls._encode_groups(rows[:, :full], g, w if w is None else w[:, :full])] if full else []
+        parts = [cls._encode_groups(rows[:, :full], g, w if w is None else w[:, :full], grid)] if full else []
         if full < k:
-            parts.append(cls._encode_groups(rows[:, full:], k - full, w if w is None else w[:, full:]))
+            parts.append(cls._encode_groups(rows[:, full:], k - full, w if w is None else w[:, full:], grid))
         out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return out.reshape(cls.byte_shape(x.shape))
 
     @classmethod
-    def _encode_groups(cls, rows: np.ndarray, g: int, weights: np.ndarray | None) -> np.ndarray:
+    def _encode_groups(
+        cls, rows: np.ndarray, g: int, weights: np.ndarray | None, grid: IntegerGrid | None = None
+    ) -> np.ndarray:
         # (n, k) with k % g == 0 -> (n, k / block_size * type_size)
         per = g // cls.block_size
         if weights is None:
             d, m = cls.group_params(rows.reshape(-1, g))
-            out = cls.pack(rows.reshape(-1, cls.block_size), np.repeat(d, per, 0), np.repeat(m, per, 0))
+            codes = None
         else:
             d, m, codes = cls.search_params(rows.reshape(-1, g), weights.reshape(-1, g))
+        blocks = rows.reshape(-1, cls.block_size)
+        if grid is not None:  # the codes are re-rounded on the moved grid
+            d, m = grid.snap(cls, d, m)
+            out = cls.pack(blocks, np.repeat(d, per, 0), np.repeat(m, per, 0))
+        elif codes is None:
+            out = cls.pack(blocks, np.repeat(d, per, 0), np.repeat(m, per, 0))
+        else:
             out = cls.pack_codes(
                 codes.reshape(-1, cls.block_size), np.repeat(d, per, 0), np.repeat(m, per, 0)
             )
         return out.reshape(rows.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class IntegerGrid:
+    """The grid of compressed-tensors and AutoAWQ checkpoints, held by GGUF's group-wise blocks too.
+
+    Those formats store per group a scale in a float dtype and, when asymmetric, an *integer*
+    zero-point ``z``: ``x = scale * (q - z)``. GGUF's Q4_1/Q5_1 store a free float minimum ``m``;
+    with ``m = -scale * z`` (rounded to f16 in the block) both hold the same values. The range a
+    search chose is widened to contain 0 (as llm-compressor's observers do), then ``z`` rounded.
+
+    Attributes:
+        scale_dtype: the float dtype the scales are stored in (``bfloat16``, ``float16``); the
+            GGUF block's f16 ``d`` then holds the same value (bf16 fits f16's mantissa).
+    """
+
+    scale_dtype: str = "float16"
+
+    def snap(self, codec: type[GroupCodec], d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-group ``(d, m)`` moved onto the grid: ``d`` representable in `scale_dtype`, ``m = -d * z``."""
+        d = d.astype(np.float32)
+        if not codec.symmetric:
+            top = np.float32(2**codec.bits - 1)
+            lo = np.minimum(m, 0).astype(np.float32)
+            hi = np.maximum(m + top * d, 0).astype(np.float32)
+            d = ((hi - lo) / top).astype(np.float32)
+        d = round_to_dtype(d, self.scale_dtype)
+        if codec.symmetric:
+            return d, np.zeros_like(d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(d > 0, np.clip(np.rint(-lo / d), 0, top), 0).astype(np.float32)
+        return d, (-d * z).astype(np.float32)
+
+
+def round_to_dtype(v: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``v`` rounded (to nearest even) to ``dtype`` (``float16``, ``bfloat16``, ``float32``), as float32."""
+    if dtype == "float32":
+        return v.astype(np.float32)
+    if dtype == "float16":
+        return v.astype(np.float16).astype(np.float32)
+    if dtype != "bfloat16":
+        raise FormatError(f"scales cannot be stored as {dtype}; choose float16, bfloat16 or float32")
+    bits = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round half to even on the kept 16 bits
+    return bits.astype(np.uint32).view(np.float32).reshape(np.shape(v))

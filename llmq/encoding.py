@@ -1,0 +1,136 @@
+"""How a tensor is encoded: the one place that turns float weights plus hints into stored values.
+
+A `Target` is a linear's storage (codec, group) plus the `EncoderConfig`; the engine encodes the
+file's tensors through `encode_tensor`, and the searches score their candidates through
+`Target.fake_quant`, so a candidate is judged by exactly the encoder that stores the result.
+Hints a method or the calibration provides: ``importance`` (mean x^2 per input column: llama.cpp's
+importance-weighted encoders) and ``gram`` (the input's second moment: error-feedback rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .codecs import REGISTRY, Codec, GroupCodec, IntegerGrid
+from .gptq import encode_feedback, feedback_factor
+from .plan import TensorPlan
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Options of the encoder, usable by every search method that has the statistics they need.
+
+    Attributes:
+        weighted: encode with the importance a method or an imatrix provides (llama.cpp's
+            importance-weighted encoders); False rounds to nearest.
+        refine: after llama.cpp's importance-weighted K-quant encoder, search each sub-block's
+            neighbouring scale (and min) codes for a lower weighted error (`llmq.codecs.krefine`;
+            Q4_K, Q5_K, Q6_K). The bytes are then no longer llama.cpp's, never worse.
+        feedback: error-feedback rounding (GPTQ; `llmq.gptq`): the encoder's scales and mins, the
+            codes re-chosen column by column against the layer input's second moment (types with
+            an integer grid: Q4_0…Q8_0, Q4_K…Q6_K). Needs calibration statistics.
+        grid: group-wise types store their groups on this integer-zero-point grid (set when a
+            safetensors output is written, so every output of a run holds the same values).
+    """
+
+    weighted: bool = True
+    refine: bool = False
+    feedback: bool = False
+    grid: IntegerGrid | None = field(default=None)
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.feedback
+
+
+@dataclass(frozen=True)
+class Target:
+    """How one linear is stored: codec, group size, encoder options (from its `TensorPlan`)."""
+
+    codec: str
+    group: int
+    encoder: EncoderConfig = EncoderConfig()
+
+    def codec_class(self) -> type[Codec]:
+        return REGISTRY[self.codec]
+
+    @property
+    def symmetric(self) -> bool:
+        return bool(self.codec_class().symmetric)
+
+    @property
+    def is_float(self) -> bool:
+        return bool(self.codec_class().is_float)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether groups span blocks, or values sit on the integer-zero grid (`GroupCodec.encode_grouped`)."""
+        codec = self.codec_class()
+        return issubclass(codec, GroupCodec) and (
+            self.group != codec.block_size or self.encoder.grid is not None
+        )
+
+    def encode(
+        self, w: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The bytes of ``w`` ``(rows, K)``: the one dispatch over the encoder's paths.
+
+        ``importance`` is used when the encoder is ``weighted``; ``gram`` selects error-feedback
+        rounding when the encoder has ``feedback`` and the type a grid.
+        """
+        codec = self.codec_class()
+        enc = self.encoder
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        imp = importance if enc.weighted else None
+        if self.grouped:
+            return codec.encode_grouped(w, self.group, imp, grid=enc.grid)  # type: ignore[attr-defined]
+        if enc.feedback and gram is not None and codec.supports_grid:
+            return encode_feedback(codec, w, feedback_factor(gram), imp, refine=enc.refine)
+        return codec.encode(w, imp, refine=enc.refine)
+
+    def fake_quant(
+        self, w: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``w`` as it will be stored: encoded, decoded back (float32)."""
+        return self.codec_class().decode(self.encode(w, importance, gram), w.shape)
+
+
+# Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,
+# so a 128k-vocabulary embedding does not multiply into gigabytes of scratch.
+CHUNK_VALUES = 1 << 21
+
+
+def encode_tensor(
+    plan: TensorPlan,
+    t: torch.Tensor,
+    importance: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
+    encoder: EncoderConfig = EncoderConfig(),
+) -> np.ndarray:
+    """The bytes of one planned tensor, encoded a slab of rows at a time.
+
+    Rows are independent in every codec (error feedback included: it mixes columns, not rows),
+    so slabs give the bytes of the whole. Only linears take the encoder's refinement, feedback and
+    grid; other tensors (embeddings, output) are encoded by their type with ``importance`` alone.
+    """
+    if plan.role != "linear":
+        encoder = EncoderConfig(weighted=encoder.weighted)
+    target = Target(plan.codec, plan.group, encoder)
+    codec = target.codec_class()
+    factor_gram = gram if (encoder.feedback and codec.supports_grid and not target.grouped) else None
+    rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
+    out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
+    if factor_gram is not None:  # factor once for all slabs
+        factor = feedback_factor(factor_gram)
+    step = max(1, CHUNK_VALUES // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
+        if factor_gram is not None:
+            imp = importance if encoder.weighted else None
+            out[start : start + step] = encode_feedback(codec, x, factor, imp, refine=encoder.refine)
+        else:
+            out[start : start + step] = target.encode(x, importance)
+    return out.reshape(codec.byte_shape(tuple(t.shape)))

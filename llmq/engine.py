@@ -1,0 +1,338 @@
+"""The engine: open a model once, plan it, search each decoder layer, encode, hand every tensor to the sinks.
+
+A sink (`llmq.sinks`) receives each planned tensor as an `Encoded` record: the values in the
+checkpoint's own layout (after the search) and, for quantized tensors, their encoded blocks. The
+GGUF file, the safetensors checkpoints, `llmq.quantize`'s in-memory result and importance-matrix
+accumulation are all sinks of the same loop, so one search feeds every output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .activations import CalibrationFlow, InputStats
+from .arch import ArchSpec, ScaleGroup, get_arch
+from .arch.hparams import llama3_rope_factors
+from .awq import AWQConfig
+from .calib import CalibConfig, Calibration, prepare_calibration
+from .codecs import REGISTRY
+from .config import QuantConfig
+from .encoding import EncoderConfig, Target, encode_tensor
+from .errors import LlmqError
+from .imatrix_io import ImatrixFile, read_imatrix
+from .methods import LayerReport, Search, get_search
+from .plan import TensorPlan, plan_tensors
+from .recipes import default_awq, default_encoder
+from .source import Checkpoint, resolve_source
+from .stream import LayerStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """One planned tensor as the engine hands it to the sinks.
+
+    Attributes:
+        plan: the tensor's plan (GGUF name and type, checkpoint name, role, layer).
+        tensor: its values in the checkpoint's layout after the search (scales folded, clipped).
+        importance: per-column importance its encoding used (or would use), if any.
+        data: for linears, the encoded blocks in ``plan.codec``'s layout, rows in checkpoint order;
+            for other tensors None (each sink encodes them in the type it stores: `Encoded.bytes`).
+    """
+
+    plan: TensorPlan
+    tensor: torch.Tensor
+    importance: np.ndarray | None = None
+    data: np.ndarray | None = None
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+    def bytes(self) -> np.ndarray:
+        """The tensor in ``plan.codec``'s bytes (rows in checkpoint order), encoded once."""
+        if self.data is None:
+            self.data = encode_tensor(self.plan, self.tensor, self.importance, None, self.encoder)
+        return self.data
+
+    def values(self) -> torch.Tensor:
+        """The stored values as float32 (decoded blocks for quantized tensors)."""
+        codec = REGISTRY[self.plan.codec]
+        return torch.from_numpy(np.asarray(codec.decode(self.bytes(), tuple(self.tensor.shape))))
+
+
+class Sink(Protocol):
+    """Where the engine's tensors go. Subclasses of `llmq.sinks.base.SinkBase` implement it."""
+
+    name: str
+    # whether it reads tensors at all (an importance-matrix sink reads only statistics)
+    wants_tensors: bool
+    # whether the engine must capture calibration statistics for it
+    needs_statistics: bool
+
+    def begin(self, job: Job) -> None: ...
+    def layer_stats(self, job: Job, index: int, stats: dict[str, InputStats]) -> None: ...
+    def write(self, job: Job, item: Encoded) -> None: ...
+    def commit(self, job: Job, reports: list[LayerReport]) -> Path | None: ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class Job:
+    """A model opened once with its plan and settings: what every step and sink of a run reads."""
+
+    src: str
+    model_dir: Path
+    ckpt: Checkpoint
+    arch: ArchSpec
+    cfg: QuantConfig
+    plans: list[TensorPlan]
+    search: Search
+    awq: AWQConfig
+    encoder: EncoderConfig
+    imatrix: ImatrixFile | None = None
+    calibration: Calibration | None = None
+    device: str = "cpu"
+    progress: bool = True
+    seconds: float = 0.0
+
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self.ckpt.config, self.arch.n_layers_key))
+
+    def module_name(self, plan: TensorPlan) -> str:
+        """A layer tensor's module, relative to its decoder layer (``mlp.down_proj``)."""
+        assert plan.source is not None and plan.layer is not None, plan
+        return plan.source.removeprefix(self.arch.layer_prefix.format(i=plan.layer)).rsplit(".", 1)[0]
+
+
+def open_job(
+    src: str | os.PathLike[str],
+    cfg: QuantConfig | None = None,
+    *,
+    awq: AWQConfig | None = None,
+    encoder: EncoderConfig | None = None,
+    imatrix: str | os.PathLike[str] | ImatrixFile | None = None,
+    scale_groups: Sequence[ScaleGroup] | None = None,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Job:
+    """Open a checkpoint, find its architecture and plan every tensor, before any weight is read.
+
+    Raises:
+        LlmqError: a missing or unreadable checkpoint, an unknown architecture, a bad imatrix.
+    """
+    cfg = cfg or QuantConfig()
+    model_dir = resolve_source(src, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(model_dir, allow_pickle=allow_pickle)
+    arch = get_arch(ckpt.config, source=str(model_dir / "config.json"))
+    if scale_groups is not None:
+        from dataclasses import replace
+
+        arch = replace(arch, scale_groups=tuple(scale_groups))
+    plans = plan_tensors(ckpt, arch, cfg)
+    awq = awq or default_awq(cfg)
+    search = get_search(cfg.method, awq if cfg.method == "awq" else None)
+    imat = load_imatrix(imatrix, plans, cfg) if imatrix is not None else None
+    for p in plans:
+        if p.note:
+            log.info("%s: %s", p.name, p.note)
+    return Job(
+        str(src), model_dir, ckpt, arch, cfg, plans, search, awq, encoder or default_encoder(cfg), imat,
+        device=device, progress=progress,
+    )  # fmt: skip
+
+
+def needs_statistics(job: Job, sinks: Sequence[Sink]) -> bool:
+    return (
+        job.search.needs_activations or job.encoder.needs_statistics or any(s.needs_statistics for s in sinks)
+    )
+
+
+def calibrate(job: Job, calib: CalibConfig | torch.Tensor | None) -> Calibration:
+    """Tokenize (or sample) the calibration windows once, saying which source is used."""
+    job.calibration = prepare_calibration(job.model_dir, calib, progress=job.progress)
+    log.info("calibration: %s", job.calibration.description)
+    if job.progress:  # say which source was used, also when it is the default
+        print(f"llmq: calibration: {job.calibration.description}", file=sys.stderr)
+    return job.calibration
+
+
+def run(job: Job, sinks: Sequence[Sink]) -> list[LayerReport]:
+    """Stream the model through the search into every sink; commit them all or abort them all.
+
+    Returns:
+        One `LayerReport` per decoder layer.
+    """
+    t0 = time.perf_counter()
+    reports: list[LayerReport] = []
+    flow = None
+    stats_needed = needs_statistics(job, sinks)
+    if stats_needed:
+        if job.calibration is None:
+            raise LlmqError(f"method {job.search.name} needs calibration data")
+        flow = CalibrationFlow.from_checkpoint(job.calibration, job.ckpt, job.arch, device=job.device)
+    tensor_sinks = [s for s in sinks if s.wants_tensors]
+    stream = LayerStream(job.ckpt, job.arch)
+    try:
+        for s in sinks:
+            s.begin(job)
+        bar = tqdm(
+            total=job.n_layers,
+            desc=f"{job.search.name} {job.cfg.label}",
+            unit="layer",
+            disable=not job.progress,
+        )
+        with bar:
+            for index, group in itertools.groupby(job.plans, key=lambda p: p.layer):
+                plans = list(group)
+                if index is None:
+                    _outside_layers(job, plans, tensor_sinks)
+                else:
+                    layer = stream.load(index)  # materialize one layer
+                    reports.append(_layer(job, layer, index, plans, flow, sinks, tensor_sinks))
+                    del layer
+                    bar.update(1)
+                job.ckpt.release()
+        job.seconds = time.perf_counter() - t0
+        for s in sinks:
+            s.commit(job, reports)
+    except BaseException:
+        for s in sinks:
+            s.abort()
+        raise
+    finally:
+        if flow is not None:
+            flow.close()
+    return reports
+
+
+def _outside_layers(job: Job, plans: list[TensorPlan], sinks: Sequence[Sink]) -> None:
+    """Embeddings, final norm, output and computed tensors: read straight from the checkpoint."""
+    for p in plans:
+        if p.source is None:  # llama.cpp's rope factors of Llama 3.1 scaling
+            t = torch.from_numpy(llama3_rope_factors(job.ckpt.config))
+        else:
+            t = job.ckpt.get(p.source)
+        imp = job.imatrix.entries.get(p.name) if job.imatrix is not None else None
+        item = Encoded(p, t, imp, encoder=EncoderConfig(weighted=job.encoder.weighted))
+        for s in sinks:
+            s.write(job, item)
+
+
+def _layer(
+    job: Job,
+    layer: torch.nn.Module,
+    index: int,
+    plans: list[TensorPlan],
+    flow: CalibrationFlow | None,
+    sinks: Sequence[Sink],
+    tensor_sinks: Sequence[Sink],
+) -> LayerReport:
+    """One decoder layer: capture inputs -> search -> encode -> sinks -> next inputs -> free."""
+    arch, search = job.arch, job.search
+    targets = {job.module_name(p): Target(p.codec, p.group, job.encoder) for p in plans if p.role == "linear"}
+    stats = None
+    if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
+        stats = flow.capture(layer, _capture_modules(arch), write_outputs=job.awq.inputs == "fp")
+        for s in sinks:
+            s.layer_stats(job, index, stats)
+    report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
+    params = layer.state_dict()
+    prefix = arch.layer_prefix.format(i=index)
+    encoded: dict[str, Encoded] = {}
+    for p in plans:  # encode, hand to sinks
+        t = params[p.source.removeprefix(prefix)].detach()
+        item = Encoded(p, t, encoder=job.encoder)
+        if p.role == "linear":
+            name = job.module_name(p)
+            item.importance = report.importance.get(name)
+            if item.importance is None and job.imatrix is not None:
+                item.importance = job.imatrix.entries.get(p.name)
+            gram = report.hessians.get(name)
+            if gram is None and stats is not None:
+                gram = _gram_of(arch, name, stats)
+            item.data = encode_tensor(p, t, item.importance, gram, job.encoder)
+            encoded[name] = item
+        for s in tensor_sinks:
+            s.write(job, item)
+    if flow is not None and job.awq.inputs == "quant":  # next inputs from the layer as quantized
+        with torch.no_grad():
+            for name, item in encoded.items():
+                layer.get_submodule(name).weight.copy_(item.values())
+        flow.advance(layer)
+    if report.details:
+        log.info("layer %d: %s", index, layer_line(report))
+    del params, stats, encoded  # free before the next layer
+    return report
+
+
+def _capture_modules(arch: ArchSpec) -> list[str]:
+    """The linears whose inputs are recorded: the first reader of each scale group's input."""
+    return [g.linears[0] for g in arch.scale_groups]
+
+
+def _gram_of(arch: ArchSpec, linear: str, stats: dict[str, InputStats]) -> np.ndarray | None:
+    for g in arch.scale_groups:
+        if linear in g.linears and g.linears[0] in stats:
+            return stats[g.linears[0]].mean_gram.numpy()
+    return None
+
+
+def layer_line(report: LayerReport) -> str:
+    """One log line of a layer's search: each group's loss before/after and alpha, the mean clip ratio."""
+    parts = []
+    for g in report.details.get("scales", []):
+        if "loss_before" in g:
+            alpha = "none" if g.get("fallback") else f"{g['alpha']:.2f}"
+            parts.append(f"{g['prev']}: loss {g['loss_before']:.4g} -> {g['loss_after']:.4g} (alpha {alpha})")
+    clips = report.details.get("clip", {})
+    if clips:
+        ratios = [c["mean_ratio"] for c in clips.values()]
+        parts.append(f"clip mean ratio {sum(ratios) / len(ratios):.3f}")
+    return "; ".join(parts)
+
+
+def load_imatrix(
+    imatrix: str | os.PathLike[str] | ImatrixFile, plans: list[TensorPlan], cfg: QuantConfig
+) -> ImatrixFile:
+    """Read and check an importance matrix against the plan: one value per input column."""
+    if cfg.method != "rtn":
+        raise LlmqError(
+            "an importance matrix file weighs round-to-nearest encoding (method rtn); the awq method "
+            "measures its own importance from the calibration activations, adjusted for its scales"
+        )
+    imat = imatrix if isinstance(imatrix, ImatrixFile) else read_imatrix(imatrix)
+    used = 0
+    for p in plans:
+        v = imat.entries.get(p.name)
+        if v is None or len(p.shape) != 2:
+            continue
+        if v.shape != (p.shape[-1],):
+            raise LlmqError(
+                f"{imat.path}: imatrix entry {p.name} has {v.size} values; the tensor has "
+                f"{p.shape[-1]} input columns (an imatrix of another model?)"
+            )
+        used += 1
+    if used == 0:
+        raise LlmqError(f"{imat.path}: none of its {len(imat.entries)} entries names a tensor of this model")
+    missing = [p.name for p in plans if p.role == "linear" and p.name not in imat.entries]
+    if missing:
+        log.warning(
+            "imatrix %s has no entry for %d linears (e.g. %s): round to nearest",
+            imat.path,
+            len(missing),
+            missing[0],
+        )
+    return imat
