@@ -110,10 +110,6 @@ class AWQSearch:
     def __init__(self, config: AWQConfig | None = None) -> None:
         self.config = config or AWQConfig()
 
-    def capture_modules(self, arch: ArchSpec) -> list[str]:
-        """The linears whose inputs are recorded: the first reader of each scale group's input."""
-        return [g.linears[0] for g in arch.scale_groups]
-
     def run(
         self,
         layer: nn.Module,
@@ -127,14 +123,15 @@ class AWQSearch:
         Args:
             layer: the decoder layer (float32 parameters).
             index: its index.
-            stats: input statistics keyed by `capture_modules` names (from `capture_inputs`).
+            stats: input statistics keyed by `ArchSpec.capture_modules` names; divided in place by
+                the folded scales, so they stay the statistics of what each linear reads.
             targets: linear name (relative to the layer) -> how it will be stored.
             arch: the architecture spec (scale groups, clip exclusions, norm offset).
 
         Returns:
             A `LayerReport` whose ``details`` hold per-group scale results and per-linear clip
-            results, ``importance`` each linear's per-column importance (mean x^2 after the folded
-            scales) and ``hessians`` its input's second moment.
+            results and ``importance`` each linear's per-column importance (mean x^2 after the
+            folded scales).
         """
         if stats is None:
             raise LlmqError("the AWQ search needs calibration statistics")
@@ -172,7 +169,6 @@ class AWQSearch:
                 clip_info[name] = info
         report.details["clip"] = clip_info
         report.importance = {name: st.mean_sq for group, st in groups for name in group.linears}
-        report.hessians = {name: st.mean_gram.numpy() for group, st in groups for name in group.linears}
         return report
 
     def _search_scales(

@@ -9,7 +9,7 @@ importance-weighted encoders) and ``gram`` (the input's second moment: error-fee
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class EncoderConfig:
     weighted: bool = True
     refine: bool = False
     feedback: bool = False
-    grid: IntegerGrid | None = field(default=None)
+    grid: IntegerGrid | None = None
 
     @property
     def needs_statistics(self) -> bool:
@@ -73,13 +73,17 @@ class Target:
             self.group != codec.block_size or self.encoder.grid is not None
         )
 
+    def uses_feedback(self) -> bool:
+        """Whether this linear is stored with error-feedback rounding (its type has a grid, ungrouped)."""
+        return self.encoder.feedback and self.codec_class().supports_grid and not self.grouped
+
     def encode(
-        self, w: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None = None
+        self, w: np.ndarray, importance: np.ndarray | None, factor: np.ndarray | None = None
     ) -> np.ndarray:
         """The bytes of ``w`` ``(rows, K)``: the one dispatch over the encoder's paths.
 
-        ``importance`` is used when the encoder is ``weighted``; ``gram`` selects error-feedback
-        rounding when the encoder has ``feedback`` and the type a grid.
+        ``importance`` is used when the encoder is ``weighted``; ``factor`` (`feedback_factor` of the
+        input's second moment) selects error-feedback rounding when `uses_feedback`.
         """
         codec = self.codec_class()
         enc = self.encoder
@@ -87,15 +91,13 @@ class Target:
         imp = importance if enc.weighted else None
         if self.grouped:
             return codec.encode_grouped(w, self.group, imp, grid=enc.grid)  # type: ignore[attr-defined]
-        if enc.feedback and gram is not None and codec.supports_grid:
-            return encode_feedback(codec, w, feedback_factor(gram), imp, refine=enc.refine)
+        if factor is not None and self.uses_feedback():
+            return encode_feedback(codec, w, factor, imp, refine=enc.refine)
         return codec.encode(w, imp, refine=enc.refine)
 
-    def fake_quant(
-        self, w: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None = None
-    ) -> np.ndarray:
-        """``w`` as it will be stored: encoded, decoded back (float32)."""
-        return self.codec_class().decode(self.encode(w, importance, gram), w.shape)
+    def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        """``w`` as it will be stored without error feedback: encoded, decoded back (float32)."""
+        return self.codec_class().decode(self.encode(w, importance), w.shape)
 
 
 # Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,
@@ -120,17 +122,12 @@ def encode_tensor(
         encoder = EncoderConfig(weighted=encoder.weighted)
     target = Target(plan.codec, plan.group, encoder)
     codec = target.codec_class()
-    factor_gram = gram if (encoder.feedback and codec.supports_grid and not target.grouped) else None
+    # factored once for all slabs
+    factor = feedback_factor(gram) if gram is not None and target.uses_feedback() else None
     rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
     out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
-    if factor_gram is not None:  # factor once for all slabs
-        factor = feedback_factor(factor_gram)
     step = max(1, CHUNK_VALUES // rows.shape[1])
     for start in range(0, rows.shape[0], step):
         x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
-        if factor_gram is not None:
-            imp = importance if encoder.weighted else None
-            out[start : start + step] = encode_feedback(codec, x, factor, imp, refine=encoder.refine)
-        else:
-            out[start : start + step] = target.encode(x, importance)
+        out[start : start + step] = target.encode(x, importance, factor)
     return out.reshape(codec.byte_shape(tuple(t.shape)))

@@ -74,12 +74,13 @@ class Encoded:
 class Sink(Protocol):
     """Where the engine's tensors go. Subclasses of `llmq.sinks.base.SinkBase` implement it."""
 
-    name: str
     # whether it reads tensors at all (an importance-matrix sink reads only statistics)
     wants_tensors: bool
     # whether the engine must capture calibration statistics for it
     needs_statistics: bool
 
+    def check(self, job: Job) -> None: ...
+    def grid_dtype(self, job: Job) -> str | None: ...
     def begin(self, job: Job) -> None: ...
     def layer_stats(self, job: Job, index: int, stats: dict[str, InputStats]) -> None: ...
     def write(self, job: Job, item: Encoded) -> None: ...
@@ -226,7 +227,7 @@ def _outside_layers(job: Job, plans: list[TensorPlan], sinks: Sequence[Sink]) ->
         else:
             t = job.ckpt.get(p.source)
         imp = job.imatrix.entries.get(p.name) if job.imatrix is not None else None
-        item = Encoded(p, t, imp, encoder=EncoderConfig(weighted=job.encoder.weighted))
+        item = Encoded(p, t, imp, encoder=job.encoder)
         for s in sinks:
             s.write(job, item)
 
@@ -245,7 +246,7 @@ def _layer(
     targets = {job.module_name(p): Target(p.codec, p.group, job.encoder) for p in plans if p.role == "linear"}
     stats = None
     if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
-        stats = flow.capture(layer, _capture_modules(arch), write_outputs=job.awq.inputs == "fp")
+        stats = flow.capture(layer, arch.capture_modules, write_outputs=job.awq.inputs == "fp")
         for s in sinks:
             s.layer_stats(job, index, stats)
     report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
@@ -260,9 +261,9 @@ def _layer(
             item.importance = report.importance.get(name)
             if item.importance is None and job.imatrix is not None:
                 item.importance = job.imatrix.entries.get(p.name)
-            gram = report.hessians.get(name)
-            if gram is None and stats is not None:
-                gram = _gram_of(arch, name, stats)
+            gram = None
+            if job.encoder.feedback and stats is not None and arch.reader_of(name) in stats:
+                gram = stats[arch.reader_of(name)].mean_gram.numpy()  # after the search's folded scales
             item.data = encode_tensor(p, t, item.importance, gram, job.encoder)
             encoded[name] = item
         for s in tensor_sinks:
@@ -276,18 +277,6 @@ def _layer(
         log.info("layer %d: %s", index, layer_line(report))
     del params, stats, encoded  # free before the next layer
     return report
-
-
-def _capture_modules(arch: ArchSpec) -> list[str]:
-    """The linears whose inputs are recorded: the first reader of each scale group's input."""
-    return [g.linears[0] for g in arch.scale_groups]
-
-
-def _gram_of(arch: ArchSpec, linear: str, stats: dict[str, InputStats]) -> np.ndarray | None:
-    for g in arch.scale_groups:
-        if linear in g.linears and g.linears[0] in stats:
-            return stats[g.linears[0]].mean_gram.numpy()
-    return None
 
 
 def layer_line(report: LayerReport) -> str:

@@ -119,15 +119,7 @@ def convert(
     sinks: list[SinkBase] = [FORMATS[f](paths[f], options) for f in names]
     job = open_job(src, cfg, awq=awq, encoder=encoder, imatrix=imatrix, device=device,
                    allow_pickle=allow_pickle, progress=progress)  # fmt: skip
-    _use_integer_grid(job, sinks)
-    for s in sinks:  # refuse what a format cannot hold, and existing outputs, before any work
-        check = getattr(s, "check", None)
-        if check is not None:
-            check(job)
-        else:
-            from .writers import check_output
-
-            check_output(s.path, overwrite=overwrite)  # type: ignore[attr-defined]
+    prepare(job, sinks)
     if needs_statistics(job, sinks):
         calibrate(job, calib)
     reports = run(job, sinks)
@@ -142,11 +134,14 @@ def convert(
     )
 
 
-def _use_integer_grid(job: Job, sinks: Sequence[SinkBase]) -> None:
-    """With a safetensors output, group-wise types encode on its integer-zero grid (coarsest scale dtype)."""
-    grids = [s.scale_dtype(job) for s in sinks if s.integer_grid]  # type: ignore[attr-defined]
+def prepare(job: Job, sinks: Sequence[SinkBase]) -> None:
+    """Before any work: the integer-zero grid an output needs (the coarsest scale dtype), then each
+    output's checks (settings it cannot hold, an output that exists)."""
+    grids = {s.grid_dtype(job) for s in sinks} - {None}
     if grids:
         from dataclasses import replace
 
         dtype = "bfloat16" if "bfloat16" in grids else "float16"
         job.encoder = replace(job.encoder, grid=IntegerGrid(dtype))
+    for s in sinks:
+        s.check(job)

@@ -33,8 +33,6 @@ class LayerReport:
     method: str
     details: dict[str, Any] = field(default_factory=dict)
     importance: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
-    # linear -> its input's second moment (K, K), for error-feedback rounding (`llmq.gptq`)
-    hessians: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "method": self.method, **self.details}
@@ -46,8 +44,6 @@ class Search(Protocol):
     name: str
     # whether the pipeline must capture this layer's calibration inputs for it
     needs_activations: bool
-
-    def capture_modules(self, arch: ArchSpec) -> list[str]: ...
 
     def run(
         self,
@@ -75,12 +71,6 @@ class RoundToNearest:
 
     name = "rtn"
     needs_activations = False
-
-    def __init__(self, config: Any = None) -> None:
-        pass  # nothing to configure
-
-    def capture_modules(self, arch: ArchSpec) -> list[str]:
-        return []
 
     def run(
         self,

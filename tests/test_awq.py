@@ -84,7 +84,7 @@ def test_search_never_ends_above_the_unscaled_loss(
 ) -> None:
     ckpt, arch, layer, flow = _layer_and_flow(tiny)
     search = AWQSearch(AWQConfig(clip=False, n_grid=10))
-    stats = flow.capture(layer, search.capture_modules(arch), write_outputs=False)
+    stats = flow.capture(layer, arch.capture_modules, write_outputs=False)
     grams = {k: v.mean_gram.clone() for k, v in stats.items()}
     orig = {n: layer.get_submodule(n).weight.detach().clone() for g in arch.scale_groups for n in g.linears}
     targets = _targets(layer, arch, codec, group, weighted)

@@ -133,11 +133,11 @@ def test_pickle_checkpoint_refused_unless_allowed(
 def test_interrupted_conversion_leaves_no_file(
     sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import llmq.encoding
     import llmq.engine
+    import llmq.sinks.gguf
 
     calls = {"n": 0}
-    original = llmq.encoding.encode_tensor
+    original = llmq.engine.encode_tensor
 
     def failing(*args, **kwargs):  # noqa: ANN002, ANN003
         calls["n"] += 1
@@ -146,7 +146,7 @@ def test_interrupted_conversion_leaves_no_file(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(llmq.engine, "encode_tensor", failing)
-    monkeypatch.setattr(llmq.encoding, "encode_tensor", failing)
+    monkeypatch.setattr(llmq.sinks.gguf, "encode_tensor", failing)
     argv = ["convert", "--method", "rtn", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q"]
     assert main([*argv, "--format", "gguf,compressed-tensors,awq"]) == 130
     assert list(tmp_path.iterdir()) == []

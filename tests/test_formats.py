@@ -18,7 +18,7 @@ from tiny_models import make_tiny_llama
 import llmq
 from llmq.cli import main
 from llmq.engine import open_job, run
-from llmq.pipeline import _use_integer_grid, output_paths
+from llmq.pipeline import output_paths, prepare
 from llmq.sinks import FORMATS, GroupValues, OutputOptions, SinkBase, pack_int32, to_gguf_layout
 
 CALIB = llmq.CalibConfig("self", n_samples=4, seqlen=32, batch_size=2)
@@ -88,9 +88,7 @@ def _convert(model: Path, out: Path, fmt: str, cfg: llmq.QuantConfig) -> dict[st
     """Convert with ``fmt`` and GGUF from one search; return the stored linear values (engine's view)."""
     sinks = [FORMATS[f](p, OutputOptions()) for f, p in output_paths(model, out, cfg, [fmt, "gguf"]).items()]
     job = open_job(model, cfg, progress=False)
-    _use_integer_grid(job, sinks)
-    for s in sinks:
-        s.check(job) if hasattr(s, "check") else None
+    prepare(job, sinks)
     llmq.engine.calibrate(job, CALIB)
     capture = Capture()
     run(job, [*sinks, capture])
@@ -242,6 +240,12 @@ def test_full_disk_mid_write(tiny: Path, tmp_path: Path, monkeypatch: pytest.Mon
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_lists_every_registered_format() -> None:
+    from llmq.cli import FORMATS_HELP
+
+    assert set(FORMATS_HELP) == set(FORMATS)
 
 
 def test_sharded_checkpoint(tiny: Path, tmp_path: Path) -> None:

@@ -73,6 +73,15 @@ class ArchSpec:
     def rotary_class(self) -> type | None:
         return _import(self.rotary) if self.rotary else None
 
+    @property
+    def capture_modules(self) -> list[str]:
+        """The linears whose inputs calibration records: the first reader of each scale group's input."""
+        return [g.linears[0] for g in self.scale_groups]
+
+    def reader_of(self, linear: str) -> str | None:
+        """The captured module whose input ``linear`` reads too (None for a linear in no scale group)."""
+        return next((g.linears[0] for g in self.scale_groups if linear in g.linears), None)
+
     def tensor_name_map(self, n_layers: int) -> gguf.TensorNameMap:
         return gguf.get_tensor_name_map(self.gguf_arch, n_layers)
 

@@ -28,14 +28,20 @@ class SinkBase:
     format: ClassVar[str] = ""
     wants_tensors: ClassVar[bool] = True
     needs_statistics: ClassVar[bool] = False
-    # whether group-wise values must sit on the integer-zero-point grid (`llmq.codecs.IntegerGrid`)
-    integer_grid: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if cls.format:
             assert cls.format not in FORMATS, cls.format
             FORMATS[cls.format] = cls
+
+    def check(self, job: Job) -> None:
+        """Refuse, before any work, settings the output cannot hold or an output that exists."""
+
+    def grid_dtype(self, job: Job) -> str | None:
+        """The scale dtype of the integer-zero-point grid group-wise values must sit on
+        (`llmq.codecs.IntegerGrid`), or None when the output holds any group-wise values."""
+        return None
 
     def begin(self, job: Job) -> None:
         pass

@@ -26,6 +26,7 @@ from ..card import render_card, search_text
 from ..codecs import REGISTRY
 from ..errors import FormatError, OutputExistsError
 from ..report import report_dict, write_search_report
+from ..writers import check_output
 from ..writers.safetensors import ShardedSafetensorsWriter, TensorSpec
 from .base import SinkBase
 from .options import OutputOptions, result_of
@@ -101,7 +102,6 @@ def pack_int32(values: np.ndarray, bits: int, order: tuple[int, ...] | None = No
 class CheckpointSink(SinkBase):
     """A Hugging Face model directory with quantized linears (subclasses name the layout)."""
 
-    integer_grid = True
     # what `check` allows: GGUF types of the linears and their bits
     allowed: ClassVar[dict[str, int]] = {}
 
@@ -125,16 +125,13 @@ class CheckpointSink(SinkBase):
         """Why this format cannot hold ``plan`` (None if it can)."""
         return None
 
-    def scale_dtype(self, job: Job) -> str:
+    def grid_dtype(self, job: Job) -> str | None:
         return "float16"
 
     # -- the sink ------------------------------------------------------------------------------
     def check(self, job: Job) -> None:
         """Refuse, before any work, settings the format cannot hold (one line saying what it holds)."""
-        if self.path.exists() and not self.options.overwrite:
-            raise OutputExistsError(f"{self.path}: output already exists (pass --force to overwrite)")
-        if not self.path.parent.is_dir():
-            raise OutputExistsError(f"{self.path.parent}: output directory does not exist")
+        check_output(self.path, overwrite=self.options.overwrite)
         for p in job.plans:
             if p.role != "linear":
                 continue
@@ -236,7 +233,7 @@ class CompressedTensorsSink(CheckpointSink):
             return f"has {plan.shape[-1]} input columns, not a multiple of the group {plan.group}"
         return None
 
-    def scale_dtype(self, job: Job) -> str:
+    def grid_dtype(self, job: Job) -> str | None:
         return "bfloat16" if self.model_dtype(job) == torch.bfloat16 else "float16"
 
     def linear_specs(self, plan: TensorPlan, base: str, dtype: str) -> list[TensorSpec]:

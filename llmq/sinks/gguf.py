@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from ..card import write_card
+from ..encoding import encode_tensor
 from ..report import add_search_metadata, report_dict, report_path, search_summary, write_search_report
-from ..writers import GGUFStreamWriter
+from ..writers import GGUFStreamWriter, check_output
 from ..writers.metadata import add_general, add_hparams
 from .base import SinkBase
 from .options import OutputOptions, result_of
@@ -45,8 +46,6 @@ def gguf_bytes(job: Job, item: Encoded) -> np.ndarray:
     """One tensor's bytes as the GGUF file stores it."""
     if item.data is not None:  # encoded blocks: permute whole rows
         return np.ascontiguousarray(to_gguf_layout(item.plan, job.arch, job.ckpt.config, item.data))
-    from ..encoding import encode_tensor
-
     t = to_gguf_layout(item.plan, job.arch, job.ckpt.config, item.tensor.detach())
     return encode_tensor(item.plan, t, item.importance, None, item.encoder)
 
@@ -60,6 +59,9 @@ class GGUFSink(SinkBase):
         self.path = Path(path)
         self.options = options
         self.writer: GGUFStreamWriter | None = None
+
+    def check(self, job: Job) -> None:
+        check_output(self.path, overwrite=self.options.overwrite)
 
     def begin(self, job: Job) -> None:
         from ..imatrix_io import add_imatrix_metadata

@@ -38,7 +38,8 @@ class ImatrixSink(SinkBase):
         self.entries: dict[str, np.ndarray] = {}
 
     def layer_stats(self, job: Job, index: int, stats: dict[str, InputStats]) -> None:
-        by_module = {name: stats[g.linears[0]] for g in job.arch.scale_groups for name in g.linears}
         for p in job.plans:
-            if p.layer == index and p.role == "linear" and job.module_name(p) in by_module:
-                self.entries[p.name] = by_module[job.module_name(p)].mean_sq
+            if p.layer == index and p.role == "linear":
+                reader = job.arch.reader_of(job.module_name(p))
+                if reader in stats:
+                    self.entries[p.name] = stats[reader].mean_sq
