@@ -299,8 +299,8 @@ def load_imatrix(
     """Read and check an importance matrix against the plan: one value per input column."""
     if cfg.method != "rtn":
         raise LlmqError(
-            "an importance matrix file weighs round-to-nearest encoding (method rtn); the awq method "
-            "measures its own importance from the calibration activations, adjusted for its scales"
+            "--imatrix weighs round-to-nearest encoding (--method rtn); --method awq measures its own "
+            "importance from the calibration activations, adjusted for its scales"
         )
     imat = imatrix if isinstance(imatrix, ImatrixFile) else read_imatrix(imatrix)
     used = 0

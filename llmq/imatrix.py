@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .awq import AWQConfig
-from .calib import CalibConfig, prepare_calibration
+from .calib import CalibConfig, Calibration
 from .config import QuantConfig
 from .engine import calibrate, open_job, run
 from .imatrix_io import write_imatrix
 from .sinks import ImatrixSink
-from .source import resolve_source
 
 
 def compute_imatrix(
@@ -49,14 +49,18 @@ def compute_imatrix(
         >>> imat = compute_imatrix("SmolLM2-135M-Instruct", CalibConfig("groups_merged.txt"))
         >>> quantize_with_llama_cpp("smol.F16.gguf", "smol.Q4_0.gguf", "Q4_0", imatrix=imat)
     """
-    job = open_job(
-        src, QuantConfig(quant="F16"), awq=AWQConfig(inputs="fp"), device=device, allow_pickle=allow_pickle,
-        progress=progress,
-    )  # fmt: skip
+    return _imatrix(src, calib, device=device, progress=progress, allow_pickle=allow_pickle)[0]
+
+
+def _imatrix(
+    src: str | os.PathLike[str], calib: CalibConfig | torch.Tensor | None, **options: Any
+) -> tuple[dict[str, np.ndarray], Calibration]:
+    """The importance matrix and the calibration it was measured on."""
+    job = open_job(src, QuantConfig(quant="F16"), awq=AWQConfig(inputs="fp"), **options)
     sink = ImatrixSink()
-    calibrate(job, calib)
+    calibration = calibrate(job, calib)
     run(job, [sink])
-    return sink.entries
+    return sink.entries, calibration
 
 
 def imatrix_file(
@@ -75,10 +79,8 @@ def imatrix_file(
     Example:
         >>> imatrix_file("SmolLM2-135M-Instruct", "smol.imatrix.gguf", CalibConfig("groups_merged.txt"))
     """
-    model_dir = resolve_source(src)
-    calibration = prepare_calibration(model_dir, calib, progress=progress)
+    entries, calibration = _imatrix(src, calib, device=device, progress=progress)
     n, seqlen = calibration.tokens.shape
-    entries = compute_imatrix(model_dir, calibration.tokens, device=device, progress=progress)
     return write_imatrix(
         out,
         entries,

@@ -234,6 +234,10 @@ def test_hub_id_resolves_from_the_offline_cache(tmp_path: Path) -> None:
     missing = cli("acme/absent", "--quant", "Q8_0")
     assert missing.returncode == 2 and "acme/absent" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+    (tmp_path / "models").mkdir()  # a missing local folder is said to be one, not only a hub failure
+    local = cli("models/NoSuchModel", "--quant", "Q8_0")
+    assert local.returncode == 2 and "models/NoSuchModel: no such local directory" in local.stderr
+    assert len(local.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -64,13 +64,12 @@ class GroupValues:
         self.bits, self.group = codec.bits, plan.group
         first = slice(0, k, plan.group)
         self.scale = np.ascontiguousarray(step[:, first], dtype=np.float32)
-        unsigned = codes.astype(np.int32).reshape(rows, k) - lo  # Q8_0's int8 codes -> 0..255
-        half = 1 << (self.bits - 1)
-        self.codes = unsigned  # Q8_0's int8 codes (lo = -128) shifted to 0..255, as the formats store them
+        # unsigned, as the formats store them: Q8_0's int8 codes (lo = -128) shifted to 0..255
+        self.codes = codes.astype(np.int32).reshape(rows, k) - lo
         if codec.symmetric:
             self.zero = None
-            if lo == 0:  # Q4_0/Q5_0: codes already unsigned, x = d * (code - half)
-                assert np.allclose(offset[:, first], -half * self.scale), plan.name
+            if lo == 0:  # Q4_0/Q5_0: codes already unsigned, x = d * (code - 2^(bits-1))
+                assert np.allclose(offset[:, first], -(1 << (self.bits - 1)) * self.scale), plan.name
         else:
             with np.errstate(divide="ignore", invalid="ignore"):
                 z = np.where(self.scale != 0, np.rint(-offset[:, first] / self.scale), 0)
