@@ -10,7 +10,7 @@ from string import Template
 
 from .config import QuantConfig
 from .inspect import summarize_types
-from .result import ConvertResult, output_nbytes
+from .result import ConvertResult, card_path, output_nbytes
 
 # per output format: (title, audience, library_name, how to run it)
 FORMAT_TEXT = {
@@ -146,11 +146,6 @@ def render_card(
         search=search,
         run=Template(run).substitute(file_name=name or path.name),
     )
-
-
-def card_path(out: Path) -> Path:
-    """``OUT.md`` beside a file, ``README.md`` inside a checkpoint directory."""
-    return out / "README.md" if out.is_dir() else out.with_suffix(".md")
 
 
 def search_text(result: ConvertResult, report_name: str | None) -> str:

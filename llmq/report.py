@@ -151,11 +151,6 @@ def report_dict(
     }
 
 
-def report_path(out: Path) -> Path:
-    """``OUT.search.json`` beside a GGUF file ``OUT.gguf``."""
-    return out.with_suffix(".search.json")
-
-
 def write_search_report(path: Path, report: dict[str, Any]) -> Path:
     """Write a search report (`report_dict`) as JSON atomically; return its path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")

@@ -49,13 +49,13 @@ class ConvertResult:
     @property
     def report_path(self) -> Path | None:
         """The search report written with the first output, if any."""
-        path = self.path / "search.json" if self.path.is_dir() else self.path.with_suffix(".search.json")
+        path = report_path(self.path)
         return path if path.is_file() else None
 
     @property
     def card_path(self) -> Path | None:
         """The model card of the first output, if written."""
-        path = self.path / "README.md" if self.path.is_dir() else self.path.with_suffix(".md")
+        path = card_path(self.path)
         return path if path.is_file() else None
 
     @property
@@ -77,6 +77,16 @@ class ConvertResult:
         if fb:
             text += f"\n{len(fb)} tensors stored in another type than asked (rows do not split into its blocks), e.g. {fb[0][0]}: {fb[0][1]}"
         return text
+
+
+def card_path(out: Path) -> Path:
+    """``OUT.md`` beside a file, ``README.md`` inside a checkpoint directory."""
+    return out / "README.md" if out.is_dir() else out.with_suffix(".md")
+
+
+def report_path(out: Path) -> Path:
+    """``OUT.search.json`` beside a file, ``search.json`` inside a checkpoint directory."""
+    return out / "search.json" if out.is_dir() else out.with_suffix(".search.json")
 
 
 def output_nbytes(path: Path) -> int:

@@ -369,8 +369,8 @@ class GroupCodec(Codec):
         blocks = rows.reshape(-1, cls.block_size)
         if grid is not None:  # the codes are re-rounded on the moved grid
             d, m = grid.snap(cls, d, m)
-            out = cls.pack(blocks, np.repeat(d, per, 0), np.repeat(m, per, 0))
-        elif codes is None:
+            codes = None
+        if codes is None:
             out = cls.pack(blocks, np.repeat(d, per, 0), np.repeat(m, per, 0))
         else:
             out = cls.pack_codes(

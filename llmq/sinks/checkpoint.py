@@ -26,6 +26,7 @@ from ..card import render_card, search_text
 from ..codecs import REGISTRY
 from ..errors import FormatError, OutputExistsError
 from ..report import report_dict, write_search_report
+from ..result import report_path
 from ..writers import check_output
 from ..writers.safetensors import ShardedSafetensorsWriter, TensorSpec
 from .base import SinkBase
@@ -189,7 +190,7 @@ class CheckpointSink(SinkBase):
             report = report_dict(
                 self.path, job.cfg, job.awq, job.encoder, job.calibration, reports, job.seconds
             )
-            report_name = write_search_report(self.tmp / "search.json", report).name
+            report_name = write_search_report(report_path(self.tmp), report).name
         if self.options.write_card:
             result = result_of(job, reports, self.tmp)
             text = render_card(

@@ -10,7 +10,8 @@ import torch
 
 from ..card import write_card
 from ..encoding import encode_tensor
-from ..report import add_search_metadata, report_dict, report_path, search_summary, write_search_report
+from ..report import add_search_metadata, report_dict, search_summary, write_search_report
+from ..result import report_path
 from ..writers import GGUFStreamWriter, check_output
 from ..writers.metadata import add_general, add_hparams
 from .base import SinkBase
