@@ -81,22 +81,22 @@ def _hub_file(spec: str) -> Path:
 
     parts = spec.split("/")
     if len(parts) < 2:
-        raise LlmqError(f"--calib hub:{spec}: expected hub:<owner>/<dataset>[/<file>]")
+        raise LlmqError(f"calibration source hub:{spec}: expected hub:<owner>/<dataset>[/<file>]")
     repo = "/".join(parts[:2])
     file = "/".join(parts[2:]) or DEFAULT_HUB_FILES.get(repo)
     if not file:
-        raise LlmqError(f"--calib hub:{spec}: name the file inside the dataset, hub:{repo}/<file>")
+        raise LlmqError(f"calibration source hub:{spec}: name the file inside the dataset, hub:{repo}/<file>")
     try:
         return Path(hf_hub_download(repo, file, repo_type="dataset"))
     except Exception as e:
-        raise SourceError(f"--calib hub:{spec}: could not fetch ({type(e).__name__}: {e})") from e
+        raise SourceError(f"calibration source hub:{spec}: could not fetch ({type(e).__name__}: {e})") from e
 
 
 def windows(tokens: np.ndarray, cfg: CalibConfig) -> torch.Tensor:
     """``n_samples`` windows of ``seqlen`` tokens at seeded random offsets (without replacement when possible)."""
     span = len(tokens) - cfg.seqlen
     if span < 0:
-        raise LlmqError(f"calibration text has {len(tokens)} tokens, fewer than --calib-seqlen {cfg.seqlen}")
+        raise LlmqError(f"calibration text has {len(tokens)} tokens, fewer than seqlen={cfg.seqlen}")
     rng = np.random.default_rng(cfg.seed)
     n_distinct = span // cfg.seqlen + 1
     if cfg.n_samples <= n_distinct:  # non-overlapping windows at random slots
@@ -120,7 +120,7 @@ def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None
     """
     if cfg.source == "self":
         if generate is None:
-            raise LlmqError("--calib self needs the model to sample from")
+            raise LlmqError("calibration source self needs the model to sample from")
         tokens = generate(cfg)
         assert tuple(tokens.shape) == (cfg.n_samples, cfg.seqlen), tuple(tokens.shape)
         return tokens
@@ -138,7 +138,7 @@ def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None
 def sample_from_model(
     model_dir: str | os.PathLike[str], cfg: CalibConfig, *, progress: bool = True
 ) -> torch.Tensor:
-    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens sampled from the FP model itself (``--calib self``).
+    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens sampled from the FP model itself (calibration source ``self``).
 
     Each window starts at the BOS token (EOS if the model has none) and is sampled at temperature 1
     with the full distribution, seeded by ``cfg.seed``, in batches. This is the one step that loads the

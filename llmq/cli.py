@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -104,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     for option, value in (("--backend", args.backend), ("--ref-backend", args.ref_backend)):
         if value not in BACKENDS:  # checked before llama.cpp and torch load
-            raise LlmqError(f"unknown backend {value!r} ({option}); choose one of {', '.join(BACKENDS)}")
+            raise LlmqError(f"{option} {value}: unknown backend; choose one of {', '.join(BACKENDS)}")
     text = Path(args.text) if args.text is not None else DEFAULT_TEXT
     if not text.is_file():
         if args.text is None:
@@ -303,6 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library errors name the Python config fields (``group_size=64``); the CLI shows its own flags.
+_FLAGS = {
+    "quant": "--quant",
+    "bits": "--bits",
+    "group_size": "--group",
+    "method": "--method",
+    "format": "--format",
+    "seqlen": "--calib-seqlen",
+    "backend": "--backend",
+    "ref_backend": "--ref-backend",
+}
+_SWITCHES = {"sym=True": "--sym", "allow_pickle=True": "--allow-pickle", "overwrite=True": "--force"}
+_FIELD = re.compile(r"\b(" + "|".join(_FLAGS) + r")=")
+
+
+def cli_message(message: str) -> str:
+    """A library error's text with each config field (``group_size=64``) as its flag (``--group 64``)."""
+    for field, flag in _SWITCHES.items():
+        message = message.replace(field, flag)
+    return _FIELD.sub(lambda m: _FLAGS[m.group(1)] + " ", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -313,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except LlmqError as e:
-        print(f"llmq: error: {e}", file=sys.stderr)
+        print(f"llmq: error: {cli_message(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, an unwritable directory: the outputs were removed
         print(f"llmq: error: {e}; no output written", file=sys.stderr)

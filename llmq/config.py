@@ -66,14 +66,14 @@ class QuantConfig:
                 )
             if self.group_size != 32 and self.group_size != self.codec.block_size:
                 raise FormatError(
-                    f"--quant {self.quant} fixes the block layout; drop --group {self.group_size}"
+                    f"quant={self.quant} fixes the block layout; drop group_size={self.group_size}"
                 )
         else:
             if not 2 <= self.bits <= 8:
-                raise FormatError(f"--bits {self.bits}: choose 2..8")
+                raise FormatError(f"bits={self.bits}: choose 2..8")
             if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 32):
                 raise FormatError(
-                    f"--group {self.group_size}: GGUF stores blocks of 32 values, so a group must be "
+                    f"group_size={self.group_size}: GGUF stores blocks of 32 values, so a group must be "
                     "a multiple of 32 (32, 64, 128, 256 ...) or -1 (one group per output row)"
                 )
             if self.bits == 8:  # Q8_0 is the only 8-bit type and it has no zero-point
@@ -81,14 +81,14 @@ class QuantConfig:
             if (self.bits, self.sym) not in _GGUF_BY_BITS:
                 have = ", ".join(f"{b}-bit {'sym' if s else 'asym'}" for b, s in _GGUF_BY_BITS)
                 raise FormatError(
-                    f"--bits {self.bits}{' --sym' if self.sym else ''} has no GGUF type that stores it exactly "
-                    f"(GGUF legacy types hold: {have}); for 2, 3 or 6 bits use a K-quant: --quant Q2_K, Q3_K_M, Q6_K ..."
+                    f"bits={self.bits}{' sym=True' if self.sym else ''} has no GGUF type that stores it exactly "
+                    f"(GGUF legacy types hold: {have}); for 2, 3 or 6 bits use a K-quant (quant=Q2_K, Q3_K_M, Q6_K ...)"
                 )
         if self.embed_type is not None:
             object.__setattr__(self, "embed_type", self.embed_type.upper())
             get_codec(self.embed_type)
         if self.method not in METHODS:
-            raise FormatError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+            raise FormatError(f"method={self.method}: choose one of {', '.join(METHODS)}")
         if self.codec.is_float:  # nothing to search: float types store the weights as they are
             object.__setattr__(self, "method", "rtn")
 

@@ -299,7 +299,7 @@ def load_imatrix(
     """Read and check an importance matrix against the plan: one value per input column."""
     if cfg.method != "rtn":
         raise LlmqError(
-            "--imatrix weighs round-to-nearest encoding (--method rtn); --method awq measures its own "
+            "an importance matrix weighs round-to-nearest encoding (method=rtn); method=awq measures its own "
             "importance from the calibration activations, adjusted for its scales"
         )
     imat = imatrix if isinstance(imatrix, ImatrixFile) else read_imatrix(imatrix)

@@ -1,4 +1,4 @@
-"""Error-feedback rounding (GPTQ, Frantar et al. 2022) on a codec's own grid: ``--awq-gptq``.
+"""Error-feedback rounding (GPTQ, Frantar et al. 2022) on a codec's own grid (`EncoderConfig.feedback`).
 
 The codec first encodes the weight as usual (llama.cpp's importance-weighted encoder, refined with
 ``--awq-refine``); its scales and mins stay. Then the values' codes are chosen again one input

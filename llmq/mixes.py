@@ -179,16 +179,16 @@ def parse_tensor_types(specs: list[str] | tuple[str, ...]) -> tuple[tuple[str, s
         pattern, sep, type_name = spec.partition("=")  # llama-quantize splits at the first '='
         pattern = pattern.lower()  # and lowercases the pattern (GGUF names are lowercase)
         if not sep or not pattern or not type_name:
-            raise FormatError(f"--tensor-type {spec!r}: expected PATTERN=TYPE, e.g. ffn_down=Q6_K")
+            raise FormatError(f"tensor type override {spec!r}: expected PATTERN=TYPE, e.g. ffn_down=Q6_K")
         try:
             re.compile(pattern)
         except re.error as e:
             raise FormatError(
-                f"--tensor-type {spec!r}: {pattern!r} is not a valid regular expression ({e})"
+                f"tensor type override {spec!r}: {pattern!r} is not a valid regular expression ({e})"
             ) from e
         if type_name.upper() not in REGISTRY:
             raise FormatError(
-                f"--tensor-type {spec!r}: unknown type {type_name!r}; known: {', '.join(sorted(REGISTRY))}"
+                f"tensor type override {spec!r}: unknown type {type_name!r}; known: {', '.join(sorted(REGISTRY))}"
             )
         out.append((pattern, type_name.upper()))
     return tuple(out)

@@ -109,7 +109,7 @@ class Checkpoint:
         if bins and not allow_pickle:
             raise SourceError(
                 f"{self.path}: only pickle checkpoints ({', '.join(bins)}); they can run code when loaded. "
-                "Convert them to safetensors, or pass --allow-pickle if you trust the source"
+                "Convert them to safetensors, or set allow_pickle=True if you trust the source"
             )
         if bins:
             self._pickled = {}

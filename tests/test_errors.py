@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from tiny_models import make_tiny_llama
 
-from llmq.cli import main
+from llmq import QuantConfig
+from llmq.cli import cli_message, main
+from llmq.errors import LlmqError
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,24 @@ def test_options_the_format_cannot_hold(
         ["convert", "--method", "rtn", str(sharded), "-o", str(tmp_path / "x.gguf"), "-q", *flags], capsys
     )
     assert_clean_failure(code, err, tmp_path, needle)
+
+
+@pytest.mark.parametrize(
+    "fields, words, flags",
+    [
+        ({"bits": 3}, "bits=3", "--bits 3"),
+        ({"bits": 6, "sym": True}, "bits=6 sym=True", "--bits 6 --sym"),
+        ({"group_size": 48}, "group_size=48", "--group 48"),
+        ({"quant": "Q4_0", "group_size": 64}, "quant=Q4_0", "--quant Q4_0"),
+        ({"method": "gptq"}, "method=gptq", "--method gptq"),
+    ],
+)
+def test_library_errors_name_fields_and_the_cli_its_flags(fields: dict, words: str, flags: str) -> None:
+    """The library names the config fields a caller passed; the CLI shows the same error with its flags."""
+    with pytest.raises(LlmqError) as e:
+        QuantConfig(**fields)
+    assert words in str(e.value) and "--" not in str(e.value)
+    assert flags in cli_message(str(e.value))
 
 
 def test_existing_output_is_not_overwritten(

@@ -157,7 +157,7 @@ def test_bad_inputs(
         run(tiny["F32"], text_file, backend="torch")
     with pytest.raises(LlmqError, match="numpy backend runs GGUF files"):
         run(tiny["hf"], text_file, backend="numpy")
-    with pytest.raises(LlmqError, match="unknown backend 'tensorrt'"):
+    with pytest.raises(LlmqError, match="ref_backend=tensorrt: unknown backend"):
         run(tiny["F32"], text_file, ref=tiny["F32"], ref_backend="tensorrt")
     with pytest.raises(SourceError, match="text file not found"):
         run(tiny["F32"], tmp_path / "missing.txt")
@@ -170,7 +170,7 @@ def test_bad_inputs(
 
     cases = {
         "--text: file not found": [gguf_file, "--text", str(tmp_path / "nope.txt")],
-        "unknown backend 'jax'": [gguf_file, "--text", str(text_file), "--backend", "jax"],
+        "--backend jax: unknown backend": [gguf_file, "--text", str(text_file), "--backend", "jax"],
         "torch backend runs Hugging Face": [gguf_file, "--text", str(text_file), "--backend", "torch"],
         "llama.cpp backend runs GGUF": [hf, "--text", str(text_file), "--backend", "llama.cpp"],
     }

@@ -33,6 +33,7 @@ CASES = {
     ],
     "awq": [llmq.QuantConfig(bits=4, group_size=64), llmq.QuantConfig(bits=4, group_size=128)],
 }
+CT_NEWEST = "0.20.1"
 GPTQMODEL = [
     "gptqmodel==7.7.0", "pypcre==0.6.4", "logbar==0.4.15", "threadpoolctl==3.8.0", "device-smi==0.5.7",
     "tokenicer==0.0.14", "defuser==0.0.28", "pillow==13.0.0",
@@ -81,6 +82,20 @@ def gptqmodel_path(test_cache_dir: Path) -> Path:
         done = subprocess.run([*cmd, *GPTQMODEL], capture_output=True, text=True, timeout=1200)
         if done.returncode != 0:
             pytest.fail(f"installing gptqmodel failed: {done.stderr[-2000:]}")
+    return target
+
+
+@pytest.fixture(scope="session")
+def ct_newest_path(test_cache_dir: Path) -> Path:
+    """The newest compressed-tensors in its own folder (its dependencies are the installed 0.17.1's)."""
+    target = test_cache_dir / f"compressed-tensors-{CT_NEWEST}"
+    if not (target / "compressed_tensors").is_dir():
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
+        done = subprocess.run(
+            [*cmd, f"compressed-tensors=={CT_NEWEST}"], capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0:
+            pytest.fail(f"installing compressed-tensors {CT_NEWEST} failed: {done.stderr[-2000:]}")
     return target
 
 
@@ -157,6 +172,30 @@ def test_compressed_tensors_loads_in_transformers(tiny: Path, tmp_path: Path, ca
     code = f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()"
     got = _load_in_subprocess(out, ids, env, code)
     want = _dense_logits(tiny, values, ids)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_newest_compressed_tensors_loads_with_dequantize(
+    tiny: Path, tmp_path: Path, case: int, ct_newest_path: Path
+) -> None:
+    """compressed-tensors 0.20 loads asymmetric and symmetric groups through ``dequantize=True``
+    (its default path refuses asymmetric zero-points: 'mismatched sizes')."""
+    cfg = CASES["compressed-tensors"][case]
+    out = tmp_path / "ct"
+    values = _convert(tiny, out, "compressed-tensors", cfg)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(case))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ct_newest_path)}
+    code = (
+        "import compressed_tensors\n"
+        f"assert compressed_tensors.__version__ == {CT_NEWEST!r}, compressed_tensors.__version__\n"
+        "from transformers import CompressedTensorsConfig\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32, "
+        "quantization_config=CompressedTensorsConfig(dequantize=True)).eval()"
+    )
+    got = _load_in_subprocess(out, ids, env, code)
+    # dequantize=True stores scale * (q - z) in the checkpoint's dtype (bf16), then runs a dense model
+    want = _dense_logits(tiny, {k: v.bfloat16().float() for k, v in values.items()}, ids)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3)
 
 

@@ -197,7 +197,7 @@ def test_imatrix_errors_are_clear(tmp_path: Path, model: tuple[Path, Path]) -> N
     cfg = llmq.QuantConfig(quant="Q4_K_M", method="rtn")
     with pytest.raises(LlmqError, match="blk.0.ffn_down.weight has 7 values"):
         llmq.convert(src, tmp_path / "o.gguf", cfg, imatrix=wrong, progress=False)
-    with pytest.raises(LlmqError, match="--method rtn"):
+    with pytest.raises(LlmqError, match="method=rtn"):
         llmq.convert(
             src, tmp_path / "o.gguf", llmq.QuantConfig(quant="Q4_K_M"), imatrix=wrong, progress=False
         )

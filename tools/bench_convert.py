@@ -5,9 +5,13 @@ Each run is a fresh child process; its peak RSS comes from the kernel (``wait4``
 load`` (transformers' ``from_pretrained`` of the full bf16 checkpoint, what a non-streaming converter
 starts from).
 
+``--formats G`` compares the output formats on one search: ``--bits 4 --group G`` written as GGUF,
+as each safetensors checkpoint and as GGUF + compressed-tensors from one run.
+
 Usage:
-    python tools/bench_convert.py [MODEL_DIR] [--quant Q4_0 --quant Q8_0 ...]
-MODEL_DIR defaults to the reference model built by tools/make_reference_model.py in ~/.cache/llmq-tests.
+    python tools/bench_convert.py [MODEL_DIR] [--quant Q4_0 --quant Q8_0 ...] [--formats 64]
+MODEL_DIR defaults to the reference model built by tools/make_reference_model.py in ~/.cache/llmq-tests;
+``tools/make_synthetic_model.py OUT --preset 1b`` builds a sharded ~1B checkpoint for it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ SNIPPETS = {
 }
 CONVERT = (
     IMPORTS
-    + "\nllmq.convert({model!r}, {out!r}, llmq.QuantConfig(method='rtn', {args}), progress=False, overwrite=True)"
+    + "\nllmq.convert({model!r}, {out!r}, llmq.QuantConfig(method='rtn', {args}), formats={formats!r},"
+    " progress=False, overwrite=True)"
 )
 
 
@@ -58,6 +63,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?", type=Path, default=default)
     ap.add_argument("--quant", action="append", help="GGUF type(s) to convert to (default: Q4_0 Q8_0)")
     ap.add_argument("--group128", action="store_true", help="also run --bits 4 --group 128")
+    ap.add_argument("--formats", type=int, metavar="G", help="compare output formats at --bits 4 --group G")
     args = ap.parse_args()
     if not (args.model / "config.json").is_file():
         raise SystemExit(
@@ -68,12 +74,19 @@ def main() -> None:
     for name, code in SNIPPETS.items():
         rows.append((name, *run_child(code.format(model=model))))
     with tempfile.TemporaryDirectory() as tmp:
-        configs = [(f"llmq convert --quant {q}", f"quant={q!r}") for q in (args.quant or ["Q4_0", "Q8_0"])]
+        configs = [
+            (f"llmq convert --quant {q}", f"quant={q!r}", "gguf") for q in (args.quant or ["Q4_0", "Q8_0"])
+        ]
         if args.group128:
-            configs.append(("llmq convert --bits 4 --group 128", "bits=4, group_size=128"))
-        for label, cfg in configs:
-            out = str(Path(tmp) / "out.gguf")
-            rows.append((label, *run_child(CONVERT.format(model=model, out=out, args=cfg))))
+            configs.append(("llmq convert --bits 4 --group 128", "bits=4, group_size=128", "gguf"))
+        if args.formats:
+            for fmt in ("gguf", "compressed-tensors", "awq", "gguf,compressed-tensors"):
+                label = f"llmq convert --bits 4 --group {args.formats} --format {fmt}"
+                configs.append((label, f"bits=4, group_size={args.formats}", fmt))
+        for label, cfg, fmt in configs:
+            out = str(Path(tmp) / ("out.gguf" if fmt.startswith("gguf") else "out"))
+            code = CONVERT.format(model=model, out=out, args=cfg, formats=fmt)
+            rows.append((label, *run_child(code)))
     floor = rows[0][1]
     whole = rows[1][1] - floor
     print(f"model: {args.model}  (bf16 safetensors: {bf16_size(args.model):.1f} MiB)\n")

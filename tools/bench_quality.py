@@ -7,14 +7,14 @@ in a fresh child process (time and peak RSS from ``wait4``) and runs ``llama-per
 --kl-divergence`` on the result: perplexity on WikiText-2 test and KL divergence against the F16 file.
 
 Rows (``--rows``, comma-separated ``METHOD:QUANT``):
-  METHOD: ``rtn``, ``awq`` (calibrated on ``--calib``), ``awq-self`` (``--calib self``), ablations
-  ``awq-noscale``, ``awq-noclip``, ``awq-noweight``, ``awq-act`` (activation-only scales),
-  ``awq-fpin`` (next inputs from the FP layer, AutoAWQ's choice; the default takes them from the
-  quantized layer), ``awq-fpin-noclip`` (both), ``awq-prev`` (``--awq-prev-error``),
-  ``awq-holdout`` (``--awq-holdout``), ``awq-fpin-noclip-holdout`` (all three), ``awq-sink``
-  (``--awq-skip-first 1``), ``awq-fpin-noclip-sink`` (with ``fp`` inputs and ``--no-clip``),
-  ``awq-refine`` (``--awq-refine``), ``awq-fpin-noclip-refine``, ``awq-refine-gptq`` and
-  ``awq-fpin-noclip-refine-gptq`` (with ``--awq-gptq``), and
+  METHOD: ``rtn``; ``awq`` (what ``llmq convert`` does with no flags: the recipe `llmq.recipes` picks
+  for the type family, calibrated on ``--calib``); ``awq-self`` (the same with ``--calib self``);
+  recipes spelled out as Python config fields (`AWQConfig`, `EncoderConfig`), whatever the default:
+  ``awq-legacy`` (scales + clip + weighted encoding, next inputs from the quantized layer: the legacy
+  and group-wise default), ``awq-kmix`` (next inputs from the FP layer, no clip, error feedback, and
+  K-quant refinement where the type has it: the K default), and ablations of the legacy recipe
+  ``awq-noscale``, ``awq-noclip``, ``awq-noweight``, ``awq-act``, ``awq-fpin``, ``awq-fb`` (with
+  error feedback), ``awq-fpin-noclip``; and
   ``imatrix``: llama.cpp's ``llama-quantize --imatrix FILE`` of the F16 file, FILE an importance
   matrix (mean x^2 per input column, llama.cpp's GGUF imatrix format) that llmq
   computes from the same calibration windows.
@@ -47,12 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_llama_perplexity import build_llama_perplexity  # noqa: E402
 
 QUANTS = {
-    "Q4_0": ["--quant", "Q4_0"],
-    "Q4_1": ["--quant", "Q4_1"],
-    "g128": ["--bits", "4", "--group", "128"],
-    "g128s": ["--bits", "4", "--group", "128", "--sym"],
+    "Q4_0": {"quant": "Q4_0"},
+    "Q4_1": {"quant": "Q4_1"},
+    "g128": {"bits": 4, "group_size": 128},
+    "g128s": {"bits": 4, "group_size": 128, "sym": True},
     **{
-        m: ["--quant", m]
+        m: {"quant": m}
         for m in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
     },
 }
@@ -70,34 +70,42 @@ LLAMA_FTYPES = (
     "Q5_K_M",
     "Q6_K",
 )
-METHODS = {
-    "rtn": ["--method", "rtn"],
-    "awq": ["--method", "awq"],
-    "awq-self": ["--method", "awq"],
-    "awq-noscale": ["--method", "awq", "--no-scale"],
-    "awq-noclip": ["--method", "awq", "--no-clip"],
-    "awq-noweight": ["--method", "awq", "--no-weighting"],
-    "awq-act": ["--method", "awq", "--act-scaling"],
-    "awq-fpin": ["--method", "awq", "--awq-inputs", "fp"],
-    "awq-fpin-noclip": ["--method", "awq", "--awq-inputs", "fp", "--no-clip"],
-    "awq-prev": ["--method", "awq", "--awq-prev-error"],
-    "awq-holdout": ["--method", "awq", "--awq-holdout"],
-    "awq-fpin-noclip-holdout": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-holdout"],
-    "awq-fpin-noclip-sink": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-skip-first", "1"],
-    "awq-sink": ["--method", "awq", "--awq-skip-first", "1"],
-    "awq-refine": ["--method", "awq", "--awq-refine"],
-    "awq-fpin-noclip-refine": ["--method", "awq", "--awq-inputs", "fp", "--no-clip", "--awq-refine"],
-    "awq-fpin-noclip-refine-gptq": [
-        "--method",
-        "awq",
-        "--awq-inputs",
-        "fp",
-        "--no-clip",
-        "--awq-refine",
-        "--awq-gptq",
-    ],
-    "awq-refine-gptq": ["--method", "awq", "--awq-refine", "--awq-gptq"],
+# METHOD -> (AWQConfig fields, EncoderConfig fields); None = the library's default for the family
+LEGACY = {"inputs": "quant", "clip": True}
+METHODS: dict[str, tuple[dict, dict] | None] = {
+    "awq": None,
+    "awq-self": None,
+    "awq-legacy": (LEGACY, {}),
+    "awq-kmix": ({"inputs": "fp", "clip": False}, {"feedback": True, "refine": "auto"}),
+    "awq-noscale": ({**LEGACY, "scale": False}, {}),
+    "awq-noclip": ({**LEGACY, "clip": False}, {}),
+    "awq-noweight": (LEGACY, {"weighted": False}),
+    "awq-act": ({**LEGACY, "duo_scaling": False}, {}),
+    "awq-fpin": ({**LEGACY, "inputs": "fp"}, {}),
+    "awq-fb": (LEGACY, {"feedback": True}),
+    "awq-fpin-noclip": ({"inputs": "fp", "clip": False}, {}),
 }
+# one llmq conversion through the Python API (research knobs are config fields, not flags)
+CONVERT_CHILD = """
+import json, sys
+import llmq
+from llmq.awq import AWQConfig
+from llmq.calib import CalibConfig
+from llmq.encoding import EncoderConfig
+from llmq.recipes import is_k_family
+model, out, spec = sys.argv[1:4]
+spec = json.loads(spec)
+cfg = llmq.QuantConfig(method=spec["method"], **spec["quant"])
+kw = {}
+if spec["method"] == "awq":
+    kw["calib"] = CalibConfig(spec["calib"], n_samples=spec["samples"], seqlen=spec["seqlen"])
+    if spec["recipe"] is not None:
+        awq, enc = spec["recipe"]
+        if enc.get("refine") == "auto":
+            enc["refine"] = is_k_family(cfg)
+        kw["awq"], kw["encoder"] = AWQConfig(**awq), EncoderConfig(**enc)
+llmq.convert(model, out, cfg, overwrite=True, progress=False, write_card=False, write_report=False, **kw)
+"""
 # llama.cpp's route, as its users run it: an importance matrix file (llmq computes it from the same
 # calibration windows; `llama-imatrix` would write the same format), then `llama-quantize --imatrix`,
 # which also records its quantize.imatrix.* provenance keys in the file.
@@ -173,9 +181,12 @@ def row(
         return json.loads(cache.read_text())
     method, quant = spec.split(":")
     method, _, n = method.partition("@")  # awq@32: 32 calibration windows instead of --samples
+    if method not in METHODS and method not in ("rtn", "imatrix") or quant not in QUANTS:
+        raise SystemExit(
+            f"{spec}: methods {', '.join(['rtn', 'imatrix', *METHODS])}; quants {', '.join(QUANTS)}"
+        )
     samples = int(n) if n else args.samples
     out = work / f"{ref}-{method}{'@' + n if n else ''}-{quant}.gguf"
-    calib = ["--calib-samples", str(samples), "--calib-seqlen", str(args.seqlen)]
     if method == "imatrix":
         if quant not in LLAMA_FTYPES:
             raise SystemExit(f"{spec}: imatrix rows are llama.cpp file types ({', '.join(LLAMA_FTYPES)})")
@@ -183,11 +194,17 @@ def row(
         child = [sys.executable, "-c", IMATRIX_CHILD, str(quantize), str(model), str(f16), str(out), quant]
         rss, secs, _ = run_child(child + [str(args.calib), str(samples), str(args.seqlen)])
     else:
-        cmd = [sys.executable, "-m", "llmq", "convert", str(model), "-o", str(out), "-f", "-q", "--no-card"]
-        cmd += METHODS[method] + QUANTS[quant]
-        if method.startswith("awq"):
-            cmd += calib + ["--calib", "self" if method == "awq-self" else str(args.calib)]
-        rss, secs, _ = run_child(cmd)
+        spec_json = {
+            "method": "rtn" if method == "rtn" else "awq",
+            "quant": QUANTS[quant],
+            "recipe": None if method == "rtn" else METHODS[method],
+            "calib": "self" if method == "awq-self" else str(args.calib),
+            "samples": samples,
+            "seqlen": args.seqlen,
+        }
+        rss, secs, _ = run_child(
+            [sys.executable, "-c", CONVERT_CHILD, str(model), str(out), json.dumps(spec_json)]
+        )
     size = out.stat().st_size
     res = {
         "ref": ref,

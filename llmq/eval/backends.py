@@ -39,26 +39,26 @@ def is_gguf(model: str | os.PathLike[str]) -> bool:
     return path.suffix.lower() == ".gguf"
 
 
-def resolve_backend(model: str | os.PathLike[str], backend: str, *, option: str = "--backend") -> str:
+def resolve_backend(model: str | os.PathLike[str], backend: str, *, option: str = "backend") -> str:
     """The backend that runs `model`: `backend` itself, checked, or the auto choice.
 
     Raises:
         LlmqError: unknown backend name, or one that cannot run this kind of model.
     """
     if backend not in BACKENDS:
-        raise LlmqError(f"unknown backend {backend!r} ({option}); choose one of {', '.join(BACKENDS)}")
+        raise LlmqError(f"{option}={backend}: unknown backend; choose one of {', '.join(BACKENDS)}")
     gguf_model = is_gguf(model)
     if backend == "auto":
         return "llama.cpp" if gguf_model else "torch"
     if gguf_model and backend == "torch":
         raise LlmqError(
             f"{model}: the torch backend runs Hugging Face checkpoints, not GGUF files; "
-            f"use {option} llama.cpp or {option} numpy"
+            f"use {option}=llama.cpp or {option}=numpy"
         )
     if not gguf_model and backend in GGUF_BACKENDS:
         raise LlmqError(
             f"{model}: the {backend} backend runs GGUF files; "
-            f"a Hugging Face checkpoint runs with {option} torch"
+            f"a Hugging Face checkpoint runs with {option}=torch"
         )
     return backend
 
@@ -69,7 +69,7 @@ def open_backend(
     *,
     n_ctx: int = 512,
     n_threads: int | None = None,
-    option: str = "--backend",
+    option: str = "backend",
     exact_activations: bool = False,
 ) -> Backend:
     """Load `model` on a backend, ready to score chunks of `n_ctx` tokens.

@@ -210,8 +210,8 @@ def evaluate(
     start = time.perf_counter()
     check_chunking(n_ctx, n_chunks, what="evaluate")
     body = read_text(text)
-    kind = resolve_backend(model, backend, option="--backend")
-    ref_kind = None if ref is None else resolve_backend(ref, ref_backend, option="--ref-backend")
+    kind = resolve_backend(model, backend, option="backend")
+    ref_kind = None if ref is None else resolve_backend(ref, ref_backend, option="ref_backend")
     opened: list[Backend] = []
     try:
         opened.append(
@@ -224,7 +224,7 @@ def evaluate(
                     ref_kind or "auto",
                     n_ctx=n_ctx,
                     n_threads=n_threads,
-                    option="--ref-backend",
+                    option="ref_backend",
                     exact_activations=exact_activations,
                 )
             )

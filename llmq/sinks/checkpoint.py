@@ -45,6 +45,10 @@ COPIED = (
 ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
+# rows handled at a time when unpacking and packing a linear
+SLAB_ROWS = 1024
+
+
 class GroupValues:
     """A group-wise linear's integer codes, per-group scales and zero-points, from its encoded blocks.
 
@@ -58,29 +62,33 @@ class GroupValues:
     def __init__(self, plan: TensorPlan, data: np.ndarray) -> None:
         codec = REGISTRY[plan.codec]
         rows, k = plan.shape
-        step, offset, codes, lo, _hi = codec.grid_blocks(
-            np.ascontiguousarray(data).reshape(-1, codec.type_size)
-        )
-        step, offset = step.reshape(rows, k), offset.reshape(rows, k)
         self.bits, self.group = codec.bits, plan.group
-        first = slice(0, k, plan.group)
-        self.scale = np.ascontiguousarray(step[:, first], dtype=np.float32)
-        # unsigned, as the formats store them: Q8_0's int8 codes (lo = -128) shifted to 0..255
-        self.codes = codes.astype(np.int32).reshape(rows, k) - lo
-        if codec.symmetric:
-            self.zero = None
-            if lo == 0:  # Q4_0/Q5_0: codes already unsigned, x = d * (code - 2^(bits-1))
-                assert np.allclose(offset[:, first], -(1 << (self.bits - 1)) * self.scale), plan.name
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z = np.where(self.scale != 0, np.rint(-offset[:, first] / self.scale), 0)
-            self.zero = z.astype(np.int32)
+        n_groups = k // plan.group
+        blocks = np.ascontiguousarray(data).reshape(rows, -1)
+        self.scale = np.empty((rows, n_groups), np.float32)
+        self.codes = np.empty((rows, k), np.uint8)
+        self.zero = None if codec.symmetric else np.empty((rows, n_groups), np.int32)
+        for r0 in range(0, rows, SLAB_ROWS):  # slabs bound the per-value temporaries of a large linear
+            r1 = min(rows, r0 + SLAB_ROWS)
+            step, offset, codes, lo, _hi = codec.grid_blocks(blocks[r0:r1].reshape(-1, codec.type_size))
+            first = slice(0, k, plan.group)
+            scale = step.reshape(r1 - r0, k)[:, first]
+            offset = offset.reshape(r1 - r0, k)[:, first]
+            self.scale[r0:r1] = scale
+            # unsigned, as the formats store them: Q8_0's int8 codes (lo = -128) shifted to 0..255
+            self.codes[r0:r1] = (codes.astype(np.int16) - lo).reshape(r1 - r0, k)
+            if self.zero is None:
+                if lo == 0:  # Q4_0/Q5_0: codes already unsigned, x = d * (code - 2^(bits-1))
+                    assert np.allclose(offset, -(1 << (self.bits - 1)) * scale), plan.name
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    self.zero[r0:r1] = np.where(scale != 0, np.rint(-offset / scale), 0)
 
     def dequantize(self) -> np.ndarray:
         """``scale * (q - z)`` (``scale * (q - 2^(bits-1))`` when symmetric): what the checkpoint holds, float32."""
         scale = np.repeat(self.scale, self.group, axis=1)
         zero = (1 << (self.bits - 1)) if self.zero is None else np.repeat(self.zero, self.group, axis=1)
-        return (scale * (self.codes - zero).astype(np.float32)).astype(np.float32)
+        return (scale * (self.codes.astype(np.int32) - zero).astype(np.float32)).astype(np.float32)
 
 
 def pack_int32(values: np.ndarray, bits: int, order: tuple[int, ...] | None = None) -> np.ndarray:
@@ -92,11 +100,16 @@ def pack_int32(values: np.ndarray, bits: int, order: tuple[int, ...] | None = No
     pf = 32 // bits
     rows, n = values.shape
     pad = -n % pf
-    v = np.pad(values.astype(np.uint32), ((0, 0), (0, pad))).reshape(rows, -1, pf)
-    if order is not None:
-        v = v[:, :, list(order)]
     shifts = (np.arange(pf, dtype=np.uint32) * bits)[None, None, :]
-    return np.bitwise_or.reduce(v << shifts, axis=2).astype(np.uint32).view(np.int32)
+    out = np.empty((rows, (n + pad) // pf), np.uint32)
+    for r0 in range(0, rows, SLAB_ROWS):
+        v = np.pad(values[r0 : r0 + SLAB_ROWS].astype(np.uint32), ((0, 0), (0, pad))).reshape(
+            -1, out.shape[1], pf
+        )
+        if order is not None:
+            v = v[:, :, list(order)]
+        out[r0 : r0 + SLAB_ROWS] = np.bitwise_or.reduce(v << shifts, axis=2)
+    return out.view(np.int32)
 
 
 class CheckpointSink(SinkBase):
@@ -138,7 +151,7 @@ class CheckpointSink(SinkBase):
             why = None if p.codec in self.allowed else f"is stored as {p.codec}"
             why = why or self.check_linear(job, p)
             if why is not None:
-                raise FormatError(f"--format {self.format}: {p.source} {why}; {self.holds}")
+                raise FormatError(f"format={self.format}: {p.source} {why}; {self.holds}")
 
     holds: ClassVar[str] = ""
 
@@ -226,7 +239,7 @@ class CompressedTensorsSink(CheckpointSink):
 
     format = "compressed-tensors"
     allowed: ClassVar[dict[str, int]] = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
-    holds = "compressed-tensors holds 4-bit (sym or asym) and 8-bit (sym) groups that divide each linear's input width (--bits 4|8 --group 32|64|128|-1)"
+    holds = "compressed-tensors holds 4-bit (sym or asym) and 8-bit (sym) groups that divide each linear's input width (bits=4|8 group_size=32|64|128|-1)"
 
     def check_linear(self, job: Job, plan: TensorPlan) -> str | None:
         if plan.shape[-1] % plan.group:
@@ -297,7 +310,7 @@ class AutoAWQSink(CheckpointSink):
 
     format = "awq"
     allowed: ClassVar[dict[str, int]] = {"Q4_1": 4}
-    holds = "AutoAWQ GEMM holds 4-bit asymmetric groups that divide each linear's input width, outputs a multiple of 8 (--bits 4 --group 32|64|128)"
+    holds = "AutoAWQ GEMM holds 4-bit asymmetric groups that divide each linear's input width, outputs a multiple of 8 (bits=4 group_size=32|64|128)"
 
     def check_linear(self, job: Job, plan: TensorPlan) -> str | None:
         out, k = plan.shape

@@ -108,7 +108,7 @@ class GGUFSink(SinkBase):
         return self.path
 
     def abort(self) -> None:
-        if self.writer is not None and not self.writer._done:
+        if self.writer is not None:
             self.writer.abort()
 
 

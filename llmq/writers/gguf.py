@@ -21,7 +21,7 @@ from ..plan import TensorPlan
 def check_output(path: Path, *, overwrite: bool) -> None:
     """Fail before any work when the output exists (or its directory does not)."""
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: output already exists (pass --force to overwrite)")
+        raise OutputExistsError(f"{path}: output already exists (overwrite=True replaces it)")
     if not path.parent.is_dir():
         raise OutputExistsError(f"{path.parent}: output directory does not exist")
 
@@ -116,7 +116,9 @@ class GGUFStreamWriter:
         return self.path
 
     def abort(self) -> None:
-        """Close and delete the temporary file."""
+        """Close and delete the temporary file (nothing to do once committed or aborted)."""
+        if self._done:
+            return
         self.gguf.close()
         self.tmp.unlink(missing_ok=True)
         self._done = True

@@ -98,7 +98,7 @@ class ShardedSafetensorsWriter:
         if shard != self._shard:
             self._open(shard)
         assert self._file is not None
-        self._file.write(raw.tobytes())
+        self._file.write(memoryview(raw))  # no copy: an embedding is hundreds of MB
         self._next += 1
 
     def close(self) -> list[str]:
