@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,10 +18,14 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
+from .errors import LlmqError
 
 if TYPE_CHECKING:
     from .calib import Calibration
     from .source import Checkpoint
+
+
+COPY_BYTES = 1 << 24
 
 
 class ActivationStore:
@@ -66,6 +71,22 @@ class ActivationStore:
         return torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy()).view(
             stop - start, self.seqlen, self.hidden
         )
+
+    def save(self, path: Path) -> None:
+        """Copy every window's activations to ``path``, flushed to disk."""
+        with open(path, "wb") as dst:
+            for offset in range(0, self.n_samples * self._row, COPY_BYTES):
+                dst.write(os.pread(self._file.fileno(), COPY_BYTES, offset))
+            dst.flush()
+            os.fsync(dst.fileno())
+
+    def load(self, path: Path) -> None:
+        """Replace every window's activations by those `save` wrote to ``path``."""
+        if path.stat().st_size != self.n_samples * self._row:
+            raise LlmqError(f"{path}: {path.stat().st_size} bytes, not this calibration's activations")
+        with open(path, "rb") as src:
+            for offset in range(0, self.n_samples * self._row, COPY_BYTES):
+                os.pwrite(self._file.fileno(), src.read(COPY_BYTES), offset)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):

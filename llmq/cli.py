@@ -55,12 +55,11 @@ def _convert(args: argparse.Namespace) -> int:
         calib=calib,
         imatrix=args.imatrix,
         device=args.device,
-        write_report=not args.no_card,
         overwrite=args.force,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
-        write_card=not args.no_card,
         command=command,
+        resume=args.resume,
     )
     print(result.summary())
     return 0
@@ -172,9 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--allow-pickle", action="store_true", help="accept pickle .bin checkpoints (trusted sources)"
     )
-    io.add_argument(
-        "--no-card", action="store_true", help="write neither the model card nor the search report"
-    )
     q = c.add_argument_group("quantization")
     q.add_argument(
         "--quant",
@@ -222,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = c.add_argument_group("run")
     r.add_argument(
         "--device", default="cpu", help="where calibration forwards run: cpu (default), cuda, cuda:1 ..."
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same command from the layers it kept in OUT.llmq-work",
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.add_argument(
@@ -315,7 +316,12 @@ _FLAGS = {
     "backend": "--backend",
     "ref_backend": "--ref-backend",
 }
-_SWITCHES = {"sym=True": "--sym", "allow_pickle=True": "--allow-pickle", "overwrite=True": "--force"}
+_SWITCHES = {
+    "sym=True": "--sym",
+    "allow_pickle=True": "--allow-pickle",
+    "overwrite=True": "--force",
+    "resume=True": "--resume",
+}
 _FIELD = re.compile(r"\b(" + "|".join(_FLAGS) + r")=")
 
 

@@ -35,6 +35,7 @@ from .imatrix_io import ImatrixFile, read_imatrix
 from .methods import LayerReport, Search, get_search
 from .plan import TensorPlan, plan_tensors
 from .recipes import default_awq, default_encoder
+from .resume import WorkDir
 from .source import Checkpoint, resolve_source
 from .stream import LayerStream
 
@@ -170,8 +171,14 @@ def calibrate(job: Job, calib: CalibConfig | torch.Tensor | None) -> Calibration
     return job.calibration
 
 
-def run(job: Job, sinks: Sequence[Sink]) -> list[LayerReport]:
+def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[LayerReport]:
     """Stream the model through the search into every sink; commit them all or abort them all.
+
+    Args:
+        job: the opened model and settings.
+        sinks: where the tensors go.
+        work: a work directory: layers it holds are replayed, each new one is kept there, and it is
+            removed once every sink committed.
 
     Returns:
         One `LayerReport` per decoder layer.
@@ -186,6 +193,11 @@ def run(job: Job, sinks: Sequence[Sink]) -> list[LayerReport]:
         flow = CalibrationFlow.from_checkpoint(job.calibration, job.ckpt, job.arch, device=job.device)
     tensor_sinks = [s for s in sinks if s.wants_tensors]
     stream = LayerStream(job.ckpt, job.arch)
+    start = 0 if work is None else work.resume_point(needs_activations=flow is not None)
+    if start:
+        log.warning("resuming: layers 0-%d are kept in %s", start - 1, work.path)  # type: ignore[union-attr]
+        if flow is not None:
+            flow.store.load(work.acts_file(start))  # type: ignore[union-attr]
     try:
         for s in sinks:
             s.begin(job)
@@ -200,18 +212,32 @@ def run(job: Job, sinks: Sequence[Sink]) -> list[LayerReport]:
                 plans = list(group)
                 if index is None:
                     _outside_layers(job, plans, tensor_sinks)
+                elif index < start:  # finished by an earlier run
+                    reports.append(_replay(job, work, index, plans, tensor_sinks))  # type: ignore[arg-type]
+                    bar.update(1)
                 else:
                     layer = stream.load(index)  # materialize one layer
-                    reports.append(_layer(job, layer, index, plans, flow, sinks, tensor_sinks))
-                    del layer
+                    report, items = _layer(job, layer, index, plans, flow, sinks, tensor_sinks)
+                    if work is not None:  # keep it: the layer, then the next layer's inputs
+                        work.save_layer(index, {_kept_name(i): _kept(i) for i in items}, report)
+                        if flow is not None:
+                            work.save_activations(index + 1, flow.store)
+                    reports.append(report)
+                    del layer, items
                     bar.update(1)
                 job.ckpt.release()
         job.seconds = time.perf_counter() - t0
         for s in sinks:
             s.commit(job, reports)
+        if work is not None:
+            work.remove()
     except BaseException:
         for s in sinks:
             s.abort()
+        if work is not None and work.resume_point(needs_activations=flow is not None):
+            log.warning("finished layers are kept in %s: the same command with --resume continues", work.path)
+        elif work is not None:  # nothing finished: nothing worth keeping
+            work.remove()
         raise
     finally:
         if flow is not None:
@@ -232,6 +258,31 @@ def _outside_layers(job: Job, plans: list[TensorPlan], sinks: Sequence[Sink]) ->
             s.write(job, item)
 
 
+def _kept_name(item: Encoded) -> str:
+    return item.plan.name + (".data" if item.data is not None else ".tensor")
+
+
+def _kept(item: Encoded) -> torch.Tensor:
+    return (
+        torch.from_numpy(np.ascontiguousarray(item.data)) if item.data is not None else item.tensor.detach()
+    )
+
+
+def _replay(
+    job: Job, work: WorkDir, index: int, plans: list[TensorPlan], sinks: Sequence[Sink]
+) -> LayerReport:
+    """Hand a layer an earlier run finished to the sinks, as that run did."""
+    tensors, report = work.load_layer(index)
+    for p in plans:
+        if p.name + ".data" in tensors:
+            item = Encoded(p, torch.empty(0), data=tensors[p.name + ".data"].numpy(), encoder=job.encoder)
+        else:
+            item = Encoded(p, tensors[p.name + ".tensor"], encoder=job.encoder)
+        for s in sinks:
+            s.write(job, item)
+    return report
+
+
 def _layer(
     job: Job,
     layer: torch.nn.Module,
@@ -240,7 +291,7 @@ def _layer(
     flow: CalibrationFlow | None,
     sinks: Sequence[Sink],
     tensor_sinks: Sequence[Sink],
-) -> LayerReport:
+) -> tuple[LayerReport, list[Encoded]]:
     """One decoder layer: capture inputs -> search -> encode -> sinks -> next inputs -> free."""
     arch, search = job.arch, job.search
     targets = {job.module_name(p): Target(p.codec, p.group, job.encoder) for p in plans if p.role == "linear"}
@@ -253,9 +304,11 @@ def _layer(
     params = layer.state_dict()
     prefix = arch.layer_prefix.format(i=index)
     encoded: dict[str, Encoded] = {}
+    items = []
     for p in plans:  # encode, hand to sinks
         t = params[p.source.removeprefix(prefix)].detach()
         item = Encoded(p, t, encoder=job.encoder)
+        items.append(item)
         if p.role == "linear":
             name = job.module_name(p)
             item.importance = report.importance.get(name)
@@ -276,7 +329,7 @@ def _layer(
     if report.details:
         log.info("layer %d: %s", index, layer_line(report))
     del params, stats, encoded  # free before the next layer
-    return report
+    return report, items
 
 
 def layer_line(report: LayerReport) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .engine import Job, calibrate, needs_statistics, open_job, run
 from .errors import FormatError
 from .imatrix_io import ImatrixFile
 from .result import ConvertResult
+from .resume import WorkDir, run_key, work_path
 from .sinks import FORMATS, OutputOptions
 from .sinks.base import SinkBase
 
@@ -76,6 +78,7 @@ def convert(
     write_report: bool = True,
     command: str | None = None,
     max_shard_bytes: int = 5 * 10**9,
+    resume: bool = False,
 ) -> ConvertResult:
     """Quantize a Hugging Face checkpoint into GGUF and/or safetensors checkpoints, from one search.
 
@@ -100,6 +103,9 @@ def convert(
         write_report: for a search, write its per-layer JSON report with each output.
         command: the command line recorded in the model cards.
         max_shard_bytes: largest safetensors shard of a checkpoint output.
+        resume: continue the run whose work directory (``OUT.llmq-work``, kept beside the first
+            output while a run is under way and after it fails) is there, if its inputs and
+            settings are these; the outputs are then the bytes an uninterrupted run writes.
 
     Returns:
         A `ConvertResult` (outputs, per-tensor plan, timing, search reports).
@@ -115,14 +121,24 @@ def convert(
     cfg = config or QuantConfig()
     names = parse_formats(formats)
     paths = output_paths(src, out, cfg, names)
-    options = OutputOptions(overwrite, write_card, write_report, command, max_shard_bytes)
+    wpath = work_path(paths[names[0]])
+    if wpath.exists() and not resume and not overwrite:  # before any work
+        WorkDir.open(wpath, {}, resume=False, overwrite=False)
+    resuming = resume and (wpath / "manifest.json").is_file()
+    if resuming:  # a run killed after its rename left whole outputs: they are this run's to replace
+        for p in paths.values():
+            for stale in p.parent.glob(f".{p.name}.*.partial"):  # temporary outputs of the killed run
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    options = OutputOptions(overwrite or resuming, write_card, write_report, command, max_shard_bytes)
     sinks: list[SinkBase] = [FORMATS[f](paths[f], options) for f in names]
     job = open_job(src, cfg, awq=awq, encoder=encoder, imatrix=imatrix, device=device,
                    allow_pickle=allow_pickle, progress=progress)  # fmt: skip
     prepare(job, sinks)
     if needs_statistics(job, sinks):
         calibrate(job, calib)
-    reports = run(job, sinks)
+    key = run_key(job.model_dir, job.cfg, job.search.name, job.awq, job.encoder, job.imatrix, job.calibration)
+    work = WorkDir.open(wpath, key, resume=resume, overwrite=overwrite)
+    reports = run(job, sinks, work)
     return ConvertResult(
         paths[names[0]],
         tuple(job.plans),

@@ -149,6 +149,6 @@ def test_default_recipe_of_k_mixes(tmp_path: Path) -> None:
     model = make_tiny_llama(tmp_path / "m", hidden=256, intermediate=512, dtype=torch.float32)
     out = tmp_path / "x.gguf"
     args = ["convert", str(model), "--quant", "Q4_K_M", "--calib-samples", "4", "--calib-seqlen", "32", "-q"]
-    assert main([*args, "-o", str(out), "--no-card"]) == 0
+    assert main([*args, "-o", str(out)]) == 0
     words = parse_awq_text(gguf.GGUFReader(out).fields["llmq.awq"].contents())
     assert (words["gptq"], words["refine"], words["clip"], words["inputs"]) == ("on", "on", "off", "fp")

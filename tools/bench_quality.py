@@ -261,7 +261,7 @@ def main() -> int:
                 "--quant",
                 "F16",
             ]
-            run_child(cmd + ["--no-card"])
+            run_child(cmd)
             res = {"ref": ref, "row": "F16", "file_mib": f16.stat().st_size / 2**20}
             res.update(perplexity(binary, f16, args, base, save=True))
             f16_json.write_text(json.dumps(res, indent=1))
