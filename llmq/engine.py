@@ -20,7 +20,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .activations import CalibrationFlow, InputStats
 from .arch import ArchSpec, ScaleGroup, get_arch
@@ -34,6 +33,7 @@ from .errors import LlmqError
 from .imatrix_io import ImatrixFile, read_imatrix
 from .methods import LayerReport, Search, get_search
 from .plan import TensorPlan, plan_tensors
+from .progress import LayerProgress
 from .recipes import default_awq, default_encoder
 from .resume import WorkDir
 from .source import Checkpoint, resolve_source
@@ -107,6 +107,7 @@ class Job:
     device: str = "cpu"
     progress: bool = True
     seconds: float = 0.0
+    timing: str = ""
 
     @property
     def n_layers(self) -> int:
@@ -201,31 +202,30 @@ def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[La
     try:
         for s in sinks:
             s.begin(job)
-        bar = tqdm(
-            total=job.n_layers,
-            desc=f"{job.search.name} {job.cfg.label}",
-            unit="layer",
-            disable=not job.progress,
-        )
-        with bar:
+        prog = LayerProgress(job.n_layers, f"{job.search.name} {job.cfg.label}", enabled=job.progress)
+        try:
             for index, group in itertools.groupby(job.plans, key=lambda p: p.layer):
                 plans = list(group)
                 if index is None:
-                    _outside_layers(job, plans, tensor_sinks)
+                    _outside_layers(job, plans, tensor_sinks, prog)
                 elif index < start:  # finished by an earlier run
                     reports.append(_replay(job, work, index, plans, tensor_sinks))  # type: ignore[arg-type]
-                    bar.update(1)
+                    prog.layer_done(index, replayed=True)
                 else:
                     layer = stream.load(index)  # materialize one layer
-                    report, items = _layer(job, layer, index, plans, flow, sinks, tensor_sinks)
+                    report, items = _layer(job, layer, index, plans, flow, sinks, tensor_sinks, prog)
                     if work is not None:  # keep it: the layer, then the next layer's inputs
-                        work.save_layer(index, {_kept_name(i): _kept(i) for i in items}, report)
-                        if flow is not None:
-                            work.save_activations(index + 1, flow.store)
+                        with prog.phase(f"layer {index}", "write"):
+                            work.save_layer(index, {_kept_name(i): _kept(i) for i in items}, report)
+                            if flow is not None:
+                                work.save_activations(index + 1, flow.store)
                     reports.append(report)
                     del layer, items
-                    bar.update(1)
+                    prog.layer_done(index)
                 job.ckpt.release()
+        finally:
+            prog.close()
+        job.timing = prog.summary()
         job.seconds = time.perf_counter() - t0
         for s in sinks:
             s.commit(job, reports)
@@ -245,7 +245,7 @@ def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[La
     return reports
 
 
-def _outside_layers(job: Job, plans: list[TensorPlan], sinks: Sequence[Sink]) -> None:
+def _outside_layers(job: Job, plans: list[TensorPlan], sinks: Sequence[Sink], prog: LayerProgress) -> None:
     """Embeddings, final norm, output and computed tensors: read straight from the checkpoint."""
     for p in plans:
         if p.source is None:  # llama.cpp's rope factors of Llama 3.1 scaling
@@ -254,8 +254,9 @@ def _outside_layers(job: Job, plans: list[TensorPlan], sinks: Sequence[Sink]) ->
             t = job.ckpt.get(p.source)
         imp = job.imatrix.entries.get(p.name) if job.imatrix is not None else None
         item = Encoded(p, t, imp, encoder=job.encoder)
-        for s in sinks:
-            s.write(job, item)
+        with prog.phase(p.name, "write"):  # each sink encodes it in the type it stores
+            for s in sinks:
+                s.write(job, item)
 
 
 def _kept_name(item: Encoded) -> str:
@@ -291,16 +292,19 @@ def _layer(
     flow: CalibrationFlow | None,
     sinks: Sequence[Sink],
     tensor_sinks: Sequence[Sink],
+    prog: LayerProgress,
 ) -> tuple[LayerReport, list[Encoded]]:
     """One decoder layer: capture inputs -> search -> encode -> sinks -> next inputs -> free."""
-    arch, search = job.arch, job.search
+    arch, search, what = job.arch, job.search, f"layer {index}"
     targets = {job.module_name(p): Target(p.codec, p.group, job.encoder) for p in plans if p.role == "linear"}
     stats = None
     if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
-        stats = flow.capture(layer, arch.capture_modules, write_outputs=job.awq.inputs == "fp")
-        for s in sinks:
-            s.layer_stats(job, index, stats)
-    report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
+        with prog.phase(what, "calibrate"):
+            stats = flow.capture(layer, arch.capture_modules, write_outputs=job.awq.inputs == "fp")
+            for s in sinks:
+                s.layer_stats(job, index, stats)
+    with prog.phase(what, "search"):
+        report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
     params = layer.state_dict()
     prefix = arch.layer_prefix.format(i=index)
     encoded: dict[str, Encoded] = {}
@@ -317,15 +321,17 @@ def _layer(
             gram = None
             if job.encoder.feedback and stats is not None and arch.reader_of(name) in stats:
                 gram = stats[arch.reader_of(name)].mean_gram.numpy()  # after the search's folded scales
-            item.data = encode_tensor(p, t, item.importance, gram, job.encoder)
+            with prog.phase(what, "encode"):
+                item.data = encode_tensor(p, t, item.importance, gram, job.encoder)
             encoded[name] = item
-        for s in tensor_sinks:
-            s.write(job, item)
+        with prog.phase(what, "write"):
+            for s in tensor_sinks:
+                s.write(job, item)
     if flow is not None and job.awq.inputs == "quant":  # next inputs from the layer as quantized
-        with torch.no_grad():
+        with torch.no_grad(), prog.phase(what, "calibrate"):
             for name, item in encoded.items():
                 layer.get_submodule(name).weight.copy_(item.values())
-        flow.advance(layer)
+            flow.advance(layer)
     if report.details:
         log.info("layer %d: %s", index, layer_line(report))
     del params, stats, encoded  # free before the next layer

@@ -147,6 +147,7 @@ def convert(
         dict(paths),
         tuple(reports),
         job.calibration,
+        job.timing,
     )
 
 

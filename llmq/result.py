@@ -22,6 +22,7 @@ class ConvertResult:
         outputs: output format -> its path, for every format written by the one search.
         reports: one search report per decoder layer.
         calibration: the calibration used, if any.
+        timing: seconds per layer and per phase (calibrate, search, encode, write), one line.
         fallbacks: ``(tensor, why)`` for tensors stored in another type than asked.
     """
 
@@ -32,6 +33,7 @@ class ConvertResult:
     outputs: dict[str, Path] = field(default_factory=dict)
     reports: tuple[LayerReport, ...] = ()
     calibration: Calibration | None = None
+    timing: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +75,8 @@ class ConvertResult:
         )
         if self.calibration is not None:
             text += f"; AWQ calibrated on {self.calibration.description}"
+        if self.timing:
+            text += f"\n{self.timing}"
         fb = self.fallbacks
         if fb:
             text += f"\n{len(fb)} tensors stored in another type than asked (rows do not split into its blocks), e.g. {fb[0][0]}: {fb[0][1]}"
