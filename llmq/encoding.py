@@ -9,12 +9,13 @@ importance-weighted encoders) and ``gram`` (the input's second moment: error-fee
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .codecs import REGISTRY, Codec, GroupCodec, IntegerGrid
+from .codecs import REGISTRY, Codec, GroupCodec, IntegerGrid, ggml
 from .gptq import encode_feedback, feedback_factor
 from .plan import TensorPlan
 
@@ -93,7 +94,18 @@ class Target:
             return codec.encode_grouped(w, self.group, imp, grid=enc.grid)  # type: ignore[attr-defined]
         if factor is not None and self.uses_feedback():
             return encode_feedback(codec, w, factor, imp, refine=enc.refine)
+        if self.uses_libggml():  # the same bytes at C speed
+            imp = imp if codec.supports_importance else None
+            flat = ggml.encode(int(codec.qtype), w, codec.nbytes(w.shape), imp)
+            return flat.reshape(codec.byte_shape(w.shape))
         return codec.encode(w, imp, refine=enc.refine)
+
+    def uses_libggml(self) -> bool:
+        """Whether plain encodes go through libggml's `ggml_quantize_chunk` (installed; no refinement)."""
+        codec = self.codec_class()
+        return (
+            not (codec.is_float or self.encoder.refine or self.grouped) and ggml.quantize_chunk() is not None
+        )
 
     def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         """``w`` as it will be stored without error feedback: encoded, decoded back (float32)."""
@@ -103,6 +115,7 @@ class Target:
 # Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,
 # so a 128k-vocabulary embedding does not multiply into gigabytes of scratch.
 CHUNK_VALUES = 1 << 21
+ENCODE_THREADS = max(1, torch.get_num_threads())
 
 
 def encode_tensor(
@@ -127,7 +140,16 @@ def encode_tensor(
     rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
     out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // rows.shape[1])
-    for start in range(0, rows.shape[0], step):
+
+    def slab(start: int) -> None:
         x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
         out[start : start + step] = target.encode(x, importance, factor)
+
+    starts = range(0, rows.shape[0], step)
+    if factor is None and target.uses_libggml() and len(starts) > 1:  # C releases the GIL: slabs in parallel
+        with ThreadPoolExecutor(ENCODE_THREADS) as pool:
+            list(pool.map(slab, starts))
+    else:
+        for start in starts:
+            slab(start)
     return out.reshape(codec.byte_shape(tuple(t.shape)))

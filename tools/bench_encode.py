@@ -1,4 +1,5 @@
-"""Encoding throughput of the K-quant codecs on each array backend: NumPy, torch on the CPU, torch on CUDA.
+"""Encoding throughput of the K-quant codecs on each backend: NumPy, torch on the CPU, torch on CUDA,
+and libggml's ``ggml_quantize_chunk`` where llama-cpp-python is installed.
 
 For an N x K weight (default 1024 x 4096, standard normal) and a lognormal importance vector, times
 ``codec.encode`` per format, round-to-nearest (llama.cpp's ``quantize_row_q*_K_ref``) and
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from llmq.codecs import REGISTRY
+from llmq.codecs import REGISTRY, ggml
 
 
 def _best(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> tuple[float, object]:
@@ -44,12 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((args.rows, args.cols)).astype(np.float32)
     imp = np.exp(rng.standard_normal(args.cols) * 1.5).astype(np.float32)
-    backends: dict[str, tuple[Callable[[np.ndarray], object], Callable[[], None]]] = {
-        "numpy": (lambda a: a, lambda: None),
-        "torch cpu": (torch.from_numpy, lambda: None),
+
+    def encode(c, x, i):  # noqa: ANN001, ANN202
+        return c.encode(x, i)
+
+    def libggml(c, x, i):  # noqa: ANN001, ANN202  (one call, one thread, as the NumPy row)
+        return ggml.encode(int(c.qtype), x, c.nbytes(x.shape), i if c.supports_importance else None)
+
+    Backend = tuple[Callable[[np.ndarray], object], Callable[[], None], Callable[..., object]]
+    backends: dict[str, Backend] = {
+        "numpy": (lambda a: a, lambda: None, encode),
+        "torch cpu": (torch.from_numpy, lambda: None, encode),
     }
     if torch.cuda.is_available():
-        backends["torch cuda"] = (lambda a: torch.from_numpy(a).cuda(), torch.cuda.synchronize)
+        backends["torch cuda"] = (lambda a: torch.from_numpy(a).cuda(), torch.cuda.synchronize, encode)
+    if ggml.quantize_chunk() is not None:
+        backends["libggml"] = (lambda a: a, lambda: None, libggml)
 
     print(
         f"- {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
@@ -75,11 +86,12 @@ def main(argv: list[str] | None = None) -> None:
         codec = REGISTRY[name]
         for mode, importance in (("rtn", None), ("imatrix", imp)):
             secs, outs = {}, {}
-            for b, (to, sync) in backends.items():
+            for b, (to, sync, fn) in backends.items():
                 x, i = to(w), None if importance is None else to(importance)
-                secs[b], out = _best(lambda x=x, i=i, c=codec: c.encode(x, i), args.repeat, sync)
+                secs[b], out = _best(lambda x=x, i=i, c=codec, fn=fn: fn(c, x, i), args.repeat, sync)
                 outs[b] = out if isinstance(out, np.ndarray) else out.cpu().numpy()
-            same = all(np.array_equal(outs["numpy"], o) for o in outs.values())
+            ref = outs["numpy"].reshape(-1)
+            same = all(np.array_equal(ref, o.reshape(-1)) for o in outs.values())
             rate = {b: w.size / s / 1e6 for b, s in secs.items()}
             print(
                 f"| {name} | {mode} | "

@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from . import floats, kquants, legacy  # noqa: F401  (registers the classes)
+from . import floats, ggml, kquants, legacy  # noqa: F401  (registers the classes; ggml: libggml encoder)
 from .base import REGISTRY, Codec, GroupCodec, IntegerGrid, get_codec, round_to_dtype
 
 __all__ = ["REGISTRY", "Codec", "GroupCodec", "IntegerGrid", "get_codec", "round_to_dtype"]

@@ -1,0 +1,57 @@
+"""libggml's encoder as the production path: the bytes of llmq's NumPy reference encoders, for every
+quantized type, with and without importance, whole tensors and slabs in parallel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmq.codecs import REGISTRY, ggml
+from llmq.encoding import EncoderConfig, Target, encode_tensor
+from llmq.plan import TensorPlan
+
+QUANTIZED = sorted(n for n, c in REGISTRY.items() if not c.is_float)
+
+
+def test_libggml_is_found() -> None:
+    # llama-cpp-python is a test dependency and ships libggml
+    assert ggml.quantize_chunk() is not None
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_same_bytes_as_the_reference(name: str) -> None:
+    codec = REGISTRY[name]
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 512)) * rng.lognormal(size=(64, 1))).astype(np.float32)
+    w[3, :40] = 0.0  # an all-zero block
+    w[5, 7] = 30.0  # an outlier
+    imp = rng.lognormal(size=512).astype(np.float32)
+    target = Target(name, codec.block_size)
+    assert target.uses_libggml()
+    for importance in (None, imp):
+        want = codec.encode(w, importance)  # llmq's NumPy reference
+        np.testing.assert_array_equal(target.encode(w, importance), want)
+
+
+def test_slabs_in_parallel_equal_one_encode(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmq.encoding
+
+    monkeypatch.setattr(llmq.encoding, "CHUNK_VALUES", 512 * 8)  # 8 rows per slab: many slabs
+    monkeypatch.setattr(llmq.encoding, "ENCODE_THREADS", 2)
+    w = torch.randn(100, 512)
+    plan = TensorPlan("blk.0.ffn_down.weight", "x", (100, 512), "Q4_K", 256, 0, "linear")
+    got = encode_tensor(plan, w, encoder=EncoderConfig())
+    np.testing.assert_array_equal(got, REGISTRY["Q4_K"].encode(w.numpy()))
+
+
+def test_refinement_and_disabling_keep_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not Target("Q4_K", 256, EncoderConfig(refine=True)).uses_libggml()
+    assert not Target("F16", 1).uses_libggml()
+    monkeypatch.setenv(ggml.ENV, "0")
+    ggml.quantize_chunk.cache_clear()
+    try:
+        assert not Target("Q4_K", 256).uses_libggml()
+    finally:
+        monkeypatch.delenv(ggml.ENV)
+        ggml.quantize_chunk.cache_clear()
