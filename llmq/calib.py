@@ -136,13 +136,14 @@ def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None
 
 
 def sample_from_model(
-    model_dir: str | os.PathLike[str], cfg: CalibConfig, *, progress: bool = True
+    model_dir: str | os.PathLike[str], cfg: CalibConfig, *, progress: bool = True, device: str = "cpu"
 ) -> torch.Tensor:
     """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens sampled from the FP model itself (calibration source ``self``).
 
     Each window starts at the BOS token (EOS if the model has none) and is sampled at temperature 1
-    with the full distribution, seeded by ``cfg.seed``, in batches. This is the one step that loads the
-    whole model (in float32); for large models prefer a calibration file.
+    with the full distribution, seeded by ``cfg.seed``, in batches, on ``device`` (a GPU samples other
+    tokens than the CPU from the same seed). This is the one step that loads the whole model (in
+    float32); for large models prefer a calibration file.
 
     Returns:
         int64 ``(n_samples, seqlen)``; the first token of each window is the start token.
@@ -154,15 +155,15 @@ def sample_from_model(
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start is None:
         raise LlmqError(f"{model_dir}: the tokenizer has neither BOS nor EOS to start sampling from")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     batch = min(cfg.n_samples, 32)
     out = torch.empty(cfg.n_samples, cfg.seqlen, dtype=torch.int64)
     bar = tqdm(total=cfg.n_samples * cfg.seqlen, desc="calib self", unit="tok", disable=not progress)
     with torch.no_grad():
         for b0 in range(0, cfg.n_samples, batch):
             n = min(batch, cfg.n_samples - b0)
-            ids = torch.full((n, 1), start, dtype=torch.int64)
+            ids = torch.full((n, 1), start, dtype=torch.int64, device=device)
             out[b0 : b0 + n, 0] = start
             past, cur = None, ids
             for t in range(
@@ -172,7 +173,7 @@ def sample_from_model(
                 past = res.cache
                 probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
                 cur = torch.multinomial(probs, 1, generator=gen)
-                out[b0 : b0 + n, t] = cur[:, 0]
+                out[b0 : b0 + n, t] = cur[:, 0].cpu()
             bar.update(n * cfg.seqlen)
     bar.close()
     del model
@@ -199,7 +200,7 @@ class Calibration:
 
 
 def prepare_calibration(
-    model_dir: Path, calib: CalibConfig | torch.Tensor | None, *, progress: bool = True
+    model_dir: Path, calib: CalibConfig | torch.Tensor | None, *, progress: bool = True, device: str = "cpu"
 ) -> Calibration:
     """Token windows from a `CalibConfig` (default ``self``), or a caller's own ``(n, seqlen)`` tensor."""
     t0 = time.perf_counter()
@@ -214,6 +215,6 @@ def prepare_calibration(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = calibration_tokens(
-        cfg, tokenizer, generate=lambda c: sample_from_model(model_dir, c, progress=progress)
+        cfg, tokenizer, generate=lambda c: sample_from_model(model_dir, c, progress=progress, device=device)
     )
     return Calibration(cfg, tokens, time.perf_counter() - t0)

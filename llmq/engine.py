@@ -165,10 +165,16 @@ def needs_statistics(job: Job, sinks: Sequence[Sink]) -> bool:
 
 def calibrate(job: Job, calib: CalibConfig | torch.Tensor | None) -> Calibration:
     """Tokenize (or sample) the calibration windows once, saying which source is used."""
-    job.calibration = prepare_calibration(job.model_dir, calib, progress=job.progress)
+    if job.progress and isinstance(calib, CalibConfig | None):  # say what comes first: it can take long
+        cfg = calib or CalibConfig("self")
+        how = (
+            f"sampling {cfg.n_samples} x {cfg.seqlen} tokens from the model on {job.device} (a text file is faster)"
+            if cfg.source == "self"
+            else f"{cfg.n_samples} x {cfg.seqlen} tokens"
+        )
+        print(f"llmq: calibration: {cfg.source}, {how}", file=sys.stderr)
+    job.calibration = prepare_calibration(job.model_dir, calib, progress=job.progress, device=job.device)
     log.info("calibration: %s", job.calibration.description)
-    if job.progress:  # say which source was used, also when it is the default
-        print(f"llmq: calibration: {job.calibration.description}", file=sys.stderr)
     return job.calibration
 
 
