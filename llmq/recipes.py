@@ -4,7 +4,8 @@ K-quant types and mixes: AWQ scales with the next layer's inputs from the FP lay
 K-quant refinement and error-feedback rounding — on SmolLM2 (plain and dithered references) this
 beats every other combination measured and llama.cpp's importance-matrix quants on KL for Q3_K_M,
 Q4_K_S, Q4_K_M and Q5_K_M ("Stop 13" in BENCHMARKS.md). Legacy types and group-wise schemes keep
-the AWQ settings measured best for them (scales, clipping, inputs from the quantized layer).
+scales, clipping and inputs from the quantized layer: the K recipe ties on Q4_0 on the dithered
+reference, loses on the plain one, and loses on groups of 128 on both ("Recipe per type family").
 Round to nearest uses none of it: its bytes stay llama.cpp's.
 """
 
