@@ -100,11 +100,10 @@ DEFAULT_TEXT = Path("../shared/data/wikitext-2-raw/wiki.test.raw")
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .eval.backends import BACKENDS
+    from .eval.backends import check_backend_name
 
-    for option, value in (("--backend", args.backend), ("--ref-backend", args.ref_backend)):
-        if value not in BACKENDS:  # checked before llama.cpp and torch load
-            raise LlmqError(f"{option} {value}: unknown backend; choose one of {', '.join(BACKENDS)}")
+    check_backend_name(args.backend, option="backend")  # before llama.cpp and torch load
+    check_backend_name(args.ref_backend, option="ref_backend")
     text = Path(args.text) if args.text is not None else DEFAULT_TEXT
     if not text.is_file():
         if args.text is None:

@@ -18,7 +18,7 @@ from .engine import Job, calibrate, needs_statistics, open_job, run
 from .errors import FormatError
 from .imatrix_io import ImatrixFile
 from .result import ConvertResult
-from .resume import WorkDir, run_key, work_path
+from .resume import WorkDir, check_work_dir, run_key, work_path
 from .sinks import FORMATS, OutputOptions
 from .sinks.base import SinkBase
 
@@ -122,8 +122,7 @@ def convert(
     names = parse_formats(formats)
     paths = output_paths(src, out, cfg, names)
     wpath = work_path(paths[names[0]])
-    if wpath.exists() and not resume and not overwrite:  # before any work
-        WorkDir.open(wpath, {}, resume=False, overwrite=False)
+    check_work_dir(wpath, resume=resume, overwrite=overwrite)  # before any work
     resuming = resume and (wpath / "manifest.json").is_file()
     if resuming:  # a run killed after its rename left whole outputs: they are this run's to replace
         for p in paths.values():

@@ -88,6 +88,18 @@ def run_key(
     return key
 
 
+def check_work_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a previous run's work directory at ``path`` unless it is resumed or discarded.
+
+    Raises:
+        OutputExistsError: it exists and neither ``resume`` nor ``overwrite`` is set.
+    """
+    if path.exists() and not resume and not overwrite:
+        raise OutputExistsError(
+            f"{path}: a previous run's work directory; continue it (resume=True) or discard it (overwrite=True)"
+        )
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
@@ -126,11 +138,7 @@ class WorkDir:
                     f"{path}: made by a run with other {', '.join(differ)}; it cannot be resumed with these "
                     "inputs (delete it to start over)"
                 )
-            if not resume and not overwrite:
-                raise OutputExistsError(
-                    f"{path}: a previous run's work directory; continue it (resume=True) or discard it "
-                    "(overwrite=True)"
-                )
+            check_work_dir(path, resume=resume, overwrite=overwrite)
             shutil.rmtree(path)
         path.mkdir(parents=True)
         _write_atomic(manifest, json.dumps({"key": key}, indent=1) + "\n")
@@ -179,4 +187,4 @@ class WorkDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-__all__ = ["SUFFIX", "WorkDir", "run_key", "work_path"]
+__all__ = ["SUFFIX", "WorkDir", "check_work_dir", "run_key", "work_path"]

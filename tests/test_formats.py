@@ -148,29 +148,34 @@ def test_checkpoint_is_a_model_directory(tiny: Path, tmp_path: Path, fmt: str) -
     assert values and not list(tmp_path.glob(".*partial"))
 
 
-def _load_in_subprocess(out: Path, ids: torch.Tensor, env: dict[str, str], code: str) -> torch.Tensor:
-    np.save(out.parent / "ids.npy", ids.numpy())
+def _client_logits(
+    tiny: Path, tmp_path: Path, fmt: str, case: int, load: str, pythonpath: Path | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Convert ``CASES[fmt][case]`` and load the output in a fresh process with ``load`` (code that
+    sets ``m`` from ``OUT``, the output path): its logits on seeded token ids, llmq's values, the ids."""
+    out = tmp_path / fmt
+    values = _convert(tiny, out, fmt, CASES[fmt][case])
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(case))
+    np.save(tmp_path / "ids.npy", ids.numpy())
     script = (
         "import sys, numpy as np, torch\nfrom transformers import AutoModelForCausalLM\n"
-        f"ids = torch.from_numpy(np.load({str(out.parent / 'ids.npy')!r}))\n{code}\n"
-        f"np.save({str(out.parent / 'logits.npy')!r}, m(ids).logits.detach().float().numpy())\n"
+        f"OUT = {str(out)!r}\nids = torch.from_numpy(np.load({str(tmp_path / 'ids.npy')!r}))\n{load}\n"
+        f"np.save({str(tmp_path / 'logits.npy')!r}, m(ids).logits.detach().float().numpy())\n"
     )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.from_numpy(np.load(out.parent / "logits.npy"))
+    return torch.from_numpy(np.load(tmp_path / "logits.npy")), values, ids
 
 
 @pytest.mark.parametrize("case", range(len(CASES["compressed-tensors"])))
 def test_compressed_tensors_loads_in_transformers(tiny: Path, tmp_path: Path, case: int) -> None:
-    cfg = CASES["compressed-tensors"][case]
-    out = tmp_path / "ct"
-    values = _convert(tiny, out, "compressed-tensors", cfg)
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(case))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    code = f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()"
-    got = _load_in_subprocess(out, ids, env, code)
+    load = "m = AutoModelForCausalLM.from_pretrained(OUT, dtype=torch.float32).eval()"
+    got, values, ids = _client_logits(tiny, tmp_path, "compressed-tensors", case, load)
     want = _dense_logits(tiny, values, ids)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3)
 
@@ -181,19 +186,14 @@ def test_newest_compressed_tensors_loads_with_dequantize(
 ) -> None:
     """compressed-tensors 0.20 loads asymmetric and symmetric groups through ``dequantize=True``
     (its default path refuses asymmetric zero-points: 'mismatched sizes')."""
-    cfg = CASES["compressed-tensors"][case]
-    out = tmp_path / "ct"
-    values = _convert(tiny, out, "compressed-tensors", cfg)
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(case))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ct_newest_path)}
-    code = (
+    load = (
         "import compressed_tensors\n"
         f"assert compressed_tensors.__version__ == {CT_NEWEST!r}, compressed_tensors.__version__\n"
         "from transformers import CompressedTensorsConfig\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32, "
+        "m = AutoModelForCausalLM.from_pretrained(OUT, dtype=torch.float32, "
         "quantization_config=CompressedTensorsConfig(dequantize=True)).eval()"
     )
-    got = _load_in_subprocess(out, ids, env, code)
+    got, values, ids = _client_logits(tiny, tmp_path, "compressed-tensors", case, load, ct_newest_path)
     # dequantize=True stores scale * (q - z) in the checkpoint's dtype (bf16), then runs a dense model
     want = _dense_logits(tiny, {k: v.bfloat16().float() for k, v in values.items()}, ids)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3)
@@ -201,17 +201,12 @@ def test_newest_compressed_tensors_loads_with_dequantize(
 
 @pytest.mark.parametrize("case", range(len(CASES["awq"])))
 def test_awq_loads_in_transformers(tiny: Path, tmp_path: Path, case: int, gptqmodel_path: Path) -> None:
-    cfg = CASES["awq"][case]
-    out = tmp_path / "awq"
-    values = _convert(tiny, out, "awq", cfg)
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(case))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(gptqmodel_path)}
-    code = (
+    load = (
         "from transformers import AwqConfig\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32, device_map='cpu', "
+        "m = AutoModelForCausalLM.from_pretrained(OUT, dtype=torch.float32, device_map='cpu', "
         "quantization_config=AwqConfig(bits=4, backend='torch_awq')).eval()"
     )
-    got = _load_in_subprocess(out, ids, env, code)
+    got, values, ids = _client_logits(tiny, tmp_path, "awq", case, load, gptqmodel_path)
     want = _dense_logits(tiny, values, ids)
     # the AWQ kernel multiplies in float16
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

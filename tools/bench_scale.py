@@ -156,17 +156,20 @@ def main() -> int:
             f"smollm2: llmq AWQ {secs:.1f} s ({rss:.2f} GiB), imatrix + llama-quantize {ref:.1f} s: "
             f"ratio {secs / ref:.2f} (target <= 1.5)"
         )
+
+    def awq(preset: str) -> tuple[float, float, str]:
+        src = synthetic(preset, args.work)
+        return convert(src, args.work / f"{preset}-awq.gguf", {"quant": "Q4_K_M"}, args, calib=True)
+
     if "awq8b" in rows:
-        src = synthetic("8b", args.work)
-        secs, rss, out = convert(src, args.work / "8b-awq.gguf", {"quant": "Q4_K_M"}, args, calib=True)
+        secs, rss, out = awq("8b")
         layer = per_layer(out)
         lines.append(
             f"awq8b: {layer:.1f} s per layer, {secs:.1f} s for 2 layers + embeddings ({rss:.2f} GiB); "
             f"32 layers ~ {32 * layer / 60:.1f} min (target <= 120 s per layer on CPU, <= 5 s on a GPU)"
         )
     if "awq70b" in rows:
-        src = synthetic("70b", args.work)
-        secs, rss, out = convert(src, args.work / "70b-awq.gguf", {"quant": "Q4_K_M"}, args, calib=True)
+        secs, rss, out = awq("70b")
         gpu = re.search(r"peak GPU memory ([0-9.]+) GiB", out)
         lines.append(
             f"awq70b: one layer {per_layer(out):.1f} s, peak RSS {rss:.2f} GiB (target <= 16)"

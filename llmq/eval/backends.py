@@ -39,14 +39,19 @@ def is_gguf(model: str | os.PathLike[str]) -> bool:
     return path.suffix.lower() == ".gguf"
 
 
+def check_backend_name(backend: str, *, option: str = "backend") -> None:
+    """Raise `LlmqError` for a backend name not in `BACKENDS` (``option`` names the setting)."""
+    if backend not in BACKENDS:
+        raise LlmqError(f"{option}={backend}: unknown backend; choose one of {', '.join(BACKENDS)}")
+
+
 def resolve_backend(model: str | os.PathLike[str], backend: str, *, option: str = "backend") -> str:
     """The backend that runs `model`: `backend` itself, checked, or the auto choice.
 
     Raises:
         LlmqError: unknown backend name, or one that cannot run this kind of model.
     """
-    if backend not in BACKENDS:
-        raise LlmqError(f"{option}={backend}: unknown backend; choose one of {', '.join(BACKENDS)}")
+    check_backend_name(backend, option=option)
     gguf_model = is_gguf(model)
     if backend == "auto":
         return "llama.cpp" if gguf_model else "torch"
