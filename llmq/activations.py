@@ -136,26 +136,30 @@ class InputStats:
     candidate without re-running the tokens.
 
     Attributes:
-        gram: ``sum_t x_t x_t^T`` ``(C, C)``, float64.
+        gram: ``sum_t x_t x_t^T`` ``(C, C)``, float32, summed in place (no ``C x C`` temporary:
+            at 28672 inputs one copy is 3.3 GB).
         abs_sum: ``sum_t |x_t|`` per channel, float64.
         n: tokens seen.
     """
 
+    # rows of the Gram updated per step by `divide` (bounds its temporary to ROWS x C)
+    ROWS = 1024
+
     def __init__(self, channels: int, device: str | torch.device = "cpu") -> None:
-        self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(channels, channels, dtype=torch.float32, device=device)
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.gram += (x2.T @ x2).double()  # float32 per mini-batch, float64 across them
+        self.gram.addmm_(x2.T, x2)
         self.abs_sum += x2.abs().sum(0).double()
         self.n += x2.shape[0]
 
     @property
     def mean_gram(self) -> torch.Tensor:
-        """``G = X^T X / n`` in float32."""
-        return (self.gram / max(self.n, 1)).float().cpu()
+        """``G = X^T X / n`` in float32 (a new tensor on the CPU)."""
+        return (self.gram / max(self.n, 1)).cpu()
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -164,13 +168,14 @@ class InputStats:
     @property
     def mean_sq(self) -> np.ndarray:
         """Mean of x^2 per channel: llama.cpp's importance-matrix entry for this input."""
-        return (torch.diagonal(self.gram) / max(self.n, 1)).float().cpu().numpy()
+        return (torch.diagonal(self.gram) / max(self.n, 1)).cpu().numpy()
 
     def divide(self, s: torch.Tensor) -> None:
         """Statistics of ``x / s``: what the linear sees once ``s`` is folded into the op before it."""
-        s64 = s.double().to(self.gram.device)
-        self.gram /= s64[:, None] * s64[None, :]
-        self.abs_sum /= s64
+        s = s.to(device=self.gram.device, dtype=torch.float32)
+        for a in range(0, s.shape[0], self.ROWS):
+            self.gram[a : a + self.ROWS] /= s[a : a + self.ROWS, None] * s[None, :]
+        self.abs_sum /= s.double()
 
 
 # how capture_inputs makes a module's statistics: (channels, device) -> InputStats
@@ -255,9 +260,11 @@ class CalibrationFlow:
     def from_checkpoint(
         cls, calibration: Calibration, ckpt: Checkpoint, arch: ArchSpec, *, device: str | torch.device = "cpu"
     ) -> CalibrationFlow:
-        """The flow of a calibration's windows through a checkpoint's layers, in its mini-batches."""
+        """The flow of a calibration's windows (this process's share of them) through a checkpoint's layers."""
+        from .distributed import shard
+
         return cls(
-            calibration.tokens,
+            shard(calibration.tokens),
             ckpt.get(arch.embed),
             ckpt.config,
             arch,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,14 @@ class AWQConfig:
         inputs: what the next layer's calibration inputs come from: ``quant`` (outputs of the layer
             as quantized, so each layer's search sees the error of the layers before it) or ``fp``
             (the FP layer's outputs, as AutoAWQ; one forward pass per layer fewer).
+        sample_rows: output rows of each linear on which scale candidates are scored (a fixed,
+            seeded sample; 0 scores all rows). Rows are encoded independently and the loss is a
+            sum over rows, so a sample estimates it at a cost that does not grow with the layer;
+            the winner is then encoded on every row. 256 was measured (BENCHMARKS.md, "Sampled
+            scoring"): the same KL as all rows.
+        exact_scoring: score candidates with the encoder that stores the weights, refinement
+            included; False (measured a tie) scores them without K-quant refinement, at libggml's
+            speed where it is installed.
     """
 
     n_grid: int = 20
@@ -59,6 +67,8 @@ class AWQConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5
     inputs: str = "quant"
+    sample_rows: int = 256
+    exact_scoring: bool = False
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -69,6 +79,8 @@ class AWQConfig:
             raise LlmqError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink}")
         if self.inputs not in INPUT_MODES:
             raise LlmqError(f"AWQ inputs {self.inputs!r}: choose one of {', '.join(INPUT_MODES)}")
+        if self.sample_rows < 0:
+            raise LlmqError(f"AWQ sample_rows must be >= 0 (0: all rows), got {self.sample_rows}")
 
     @property
     def clip_ratios(self) -> list[float]:
@@ -158,13 +170,14 @@ class AWQSearch:
         report.details["scales"] = scale_info
         clip_info = {}
         for group, st in groups:
-            gram = st.mean_gram
             for name in group.linears:
                 t = targets[name]
                 if not cfg.clip or name in arch.no_clip or t.is_float:
                     continue
                 module = layer.get_submodule(name)
-                w, info = clip_search(module.weight.data, t, gram, st.mean_sq, cfg.clip_ratios)
+                w, info = clip_search(
+                    module.weight.data, t, st.gram.cpu(), st.mean_sq, cfg.clip_ratios, tokens=st.n
+                )
                 module.weight.data.copy_(w)
                 clip_info[name] = info
         report.details["clip"] = clip_info
@@ -175,30 +188,13 @@ class AWQSearch:
         self, group: ScaleGroup, linears: list[nn.Module], st: InputStats, targets: dict[str, Target]
     ) -> tuple[torch.Tensor | None, dict[str, Any]]:
         cfg = self.config
-        ws = [m.weight.data for m in linears]
+        full = [m.weight.data for m in linears]
         ts = [targets[n] for n in group.linears]
-        mean_sq, x_mean, gram = st.mean_sq, st.mean_abs, st.mean_gram
-        n_out = sum(w.shape[0] for w in ws)
-
-        def loss(s: torch.Tensor | None) -> float:
-            total = 0.0
-            imp = mean_sq if s is None else mean_sq / (s.numpy() ** 2)
-            for w, t in zip(ws, ts, strict=True):
-                ws_ = w if s is None else w * s
-                q = torch.from_numpy(t.fake_quant(ws_.numpy(), imp))
-                if s is not None:
-                    q = q / s
-                total += output_error(w - q, gram)
-            return total / n_out
-
-        base = loss(None)
-        w_mean = _weight_mean(ws, ts[0].group if not ts[0].is_float else -1)
-        best, best_alpha, best_s = base, None, None
+        w_mean = _weight_mean(full, ts[0].group if not ts[0].is_float else -1)
         alphas = [i / cfg.n_grid for i in range(cfg.n_grid)]
-        candidates = [_scales(x_mean, w_mean, a, cfg.duo_scaling) for a in alphas]
-        # grid points are independent; NumPy's codecs release the GIL, so two threads use two cores
-        with ThreadPoolExecutor(max_workers=THREADS) as pool:
-            values = list(pool.map(loss, candidates))
+        candidates = [_scales(st.mean_abs, w_mean, a, cfg.duo_scaling) for a in alphas]
+        base, *values = scale_losses(full, ts, st, [None, *candidates], cfg.sample_rows, cfg.exact_scoring)
+        best, best_alpha, best_s = base, None, None
         for alpha, s, value in zip(alphas, candidates, values, strict=True):
             if value < best:  # strict: the first (lowest alpha) of equal losses wins, deterministically
                 best, best_alpha, best_s = value, alpha, s
@@ -213,6 +209,63 @@ class AWQSearch:
             log.info("%s: no scale beats the unscaled weights (loss %.4g); keeping them", group.prev, base)
             info["fallback"] = True
         return best_s, info
+
+
+def scale_losses(
+    ws: list[torch.Tensor],
+    targets: list[Target],
+    st: InputStats,
+    candidates: list[torch.Tensor | None],
+    sample: int = 0,
+    exact: bool = True,
+) -> list[float]:
+    """Output error per output row of a scale group's linears for each candidate scale (None: unscaled).
+
+    Args:
+        ws: the linears' weights ``(N_i, K)`` reading one input.
+        targets: how each is stored; candidates are scored through that encoder (without
+            refinement when not ``exact``).
+        st: the input's statistics.
+        candidates: per-column scales ``(K,)`` multiplied into the weights, or None.
+        sample: score on this many rows of each linear (`sample_rows`; 0: all).
+        exact: see `AWQConfig.exact_scoring`.
+
+    Returns:
+        One loss per candidate: ``sum((E @ G) * E)`` over the scored rows divided by their number.
+    """
+    if not exact:
+        targets = [replace(t, encoder=replace(t.encoder, refine=False)) for t in targets]
+    # the summed Gram, not a mean copy of it (3.3 GB at 28672 inputs): losses divide by the tokens
+    mean_sq, gram = st.mean_sq, st.gram.cpu()
+    ws = [sample_rows(w, sample) for w in ws]
+    n_out = sum(w.shape[0] for w in ws) * max(st.n, 1)
+
+    def loss(s: torch.Tensor | None) -> float:
+        total = 0.0
+        imp = mean_sq if s is None else mean_sq / (s.numpy() ** 2)
+        for w, t in zip(ws, targets, strict=True):
+            ws_ = w if s is None else w * s
+            q = torch.from_numpy(t.fake_quant(ws_.numpy(), imp))
+            if s is not None:
+                q = q / s
+            total += output_error(w - q, gram)
+        return total / n_out
+
+    # candidates are independent; the codecs release the GIL, so two threads use two cores
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        return list(pool.map(loss, candidates))
+
+
+def sample_rows(w: torch.Tensor, n: int) -> torch.Tensor:
+    """A fixed sample of ``n`` rows of ``w`` (all when ``n`` is 0 or covers them), in row order.
+
+    Seeded by the shape alone, so a layer's sample is the same in every run and on every device.
+    """
+    if n <= 0 or n >= w.shape[0]:
+        return w
+    gen = torch.Generator().manual_seed(w.shape[0] * 1_000_003 + w.shape[1])
+    idx = torch.randperm(w.shape[0], generator=gen)[:n].sort().values
+    return w[idx.to(w.device)].contiguous()
 
 
 def _is_norm(module: nn.Module) -> bool:

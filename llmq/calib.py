@@ -1,9 +1,12 @@
-"""Calibration data: token windows for activation-aware search, from a file, the hub, or the model itself.
+"""Calibration data: token windows for activation-aware search, from the package, a file, the hub, or the model.
 
-Sources (``--calib``): a path to plain text or JSONL (a ``text`` field per line); ``hub:<owner/name>[/file]``
-(a dataset file fetched with `huggingface_hub`); ``self`` (text sampled from the FP model, seeded), so a
-machine with no data and no network still calibrates. Samples are ``n_samples`` windows of ``seqlen``
-tokens drawn at seeded random offsets from the tokenized corpus (AutoAWQ's 128 x 512 by default).
+Sources (``--calib``): ``builtin`` (the default: a small multi-domain text shipped with llmq, written
+for it — prose, dialogue, code, math, structured data, a dozen languages — so every machine calibrates
+offline in seconds); a path to plain text or JSONL (a ``text`` field per line); ``hub:<owner/name>[/file]``
+(a dataset file fetched with `huggingface_hub`); ``self`` (text sampled from the FP model, seeded).
+Samples are ``n_samples`` windows of ``seqlen`` tokens drawn at seeded random offsets from the
+tokenized corpus (AutoAWQ's 128 x 512 by default; ``builtin`` gives at most the distinct windows its
+text holds).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ import torch
 
 from .errors import LlmqError, SourceError
 
+BUILTIN = "builtin"
+DEFAULT_SOURCE = BUILTIN
 # What `--calib hub:` fetches when only a dataset is named: AWQ's Pile validation sample.
 DEFAULT_HUB_FILES = {"mit-han-lab/pile-val-backup": "val.jsonl.zst"}
 
@@ -30,8 +35,8 @@ class CalibConfig:
     """Where calibration tokens come from and how many.
 
     Attributes:
-        source: a file path, ``hub:<dataset>[/file]`` or ``self``.
-        n_samples: number of token windows.
+        source: ``builtin``, a file path, ``hub:<dataset>[/file]`` or ``self``.
+        n_samples: number of token windows (``builtin``: at most the distinct windows its text holds).
         seqlen: tokens per window.
         batch_size: windows per forward pass (bounds activation memory).
         seed: seed of the window offsets (and of ``self`` sampling).
@@ -74,6 +79,18 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
                     raise SourceError(f"{path}:{i}: not a JSON object with a 'text' field") from e
         return docs
     return [text]
+
+
+def builtin_texts() -> list[str]:
+    """The documents of the ``builtin`` calibration text (``llmq/data/calibration/*.txt``, in name order)."""
+    from importlib.resources import files
+
+    folder = files("llmq.data") / "calibration"
+    return [
+        f.read_text(encoding="utf-8")
+        for f in sorted(folder.iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".txt")
+    ]
 
 
 def _hub_file(spec: str) -> Path:
@@ -124,14 +141,19 @@ def calibration_tokens(cfg: CalibConfig, tokenizer: Any, *, generate: Any = None
         tokens = generate(cfg)
         assert tuple(tokens.shape) == (cfg.n_samples, cfg.seqlen), tuple(tokens.shape)
         return tokens
-    hub = cfg.source.startswith("hub:")
-    texts = read_texts(_hub_file(cfg.source[4:]) if hub else cfg.source)
+    if cfg.source == BUILTIN:
+        texts = builtin_texts()
+    else:
+        hub = cfg.source.startswith("hub:")
+        texts = read_texts(_hub_file(cfg.source[4:]) if hub else cfg.source)
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for doc in texts:  # documents joined by EOS, as a model sees separate texts
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None and len(texts) > 1:
             ids.append(eos)
+    if cfg.source == BUILTIN:  # a small text: its distinct windows, not overlapping copies of them
+        cfg = replace(cfg, n_samples=max(1, min(cfg.n_samples, len(ids) // cfg.seqlen)))
     return windows(np.asarray(ids, dtype=np.int64), cfg)
 
 
@@ -210,7 +232,7 @@ def prepare_calibration(
                 f"calibration tokens must be an integer (n_samples, seqlen) tensor, got {calib.dtype} {tuple(calib.shape)}"
             )
         return Calibration(CalibConfig("tensor", calib.shape[0], calib.shape[1]), calib.long())
-    cfg = calib or CalibConfig("self")
+    cfg = calib or CalibConfig(DEFAULT_SOURCE)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

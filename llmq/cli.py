@@ -38,10 +38,11 @@ def _convert(args: argparse.Namespace) -> int:
         raise LlmqError(
             f"--{calib_opts[0].replace('_', '-')} applies to --method awq, not --method {cfg.method}"
         )
-    from .calib import CalibConfig
+    from .calib import DEFAULT_SOURCE, CalibConfig
+    from .distributed import world
 
     calib = CalibConfig(
-        args.calib or "self",
+        args.calib or DEFAULT_SOURCE,
         n_samples=128 if args.calib_samples is None else args.calib_samples,
         seqlen=512 if args.calib_seqlen is None else args.calib_seqlen,
         seed=args.seed,
@@ -61,17 +62,18 @@ def _convert(args: argparse.Namespace) -> int:
         command=command,
         resume=args.resume,
     )
-    print(result.summary())
+    if world()[0] == 0:  # under torchrun, the process that wrote the outputs
+        print(result.summary())
     return 0
 
 
 def _imatrix(args: argparse.Namespace) -> int:
-    from .calib import CalibConfig
+    from .calib import DEFAULT_SOURCE, CalibConfig
     from .imatrix import imatrix_file
     from .writers import check_output
 
     calib = CalibConfig(
-        args.calib or "self",
+        args.calib or DEFAULT_SOURCE,
         n_samples=args.calib_samples,
         seqlen=args.calib_seqlen,
         batch_size=args.calib_batch,
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(llama.cpp), a compressed-tensors or an AutoAWQ checkpoint (transformers, vLLM), or several of "
         "them from one search. Give either --quant NAME, or a group-wise scheme with --bits/--group/--sym "
         "(default: --bits 4 --group 32, asymmetric = Q4_1). The default method, AWQ, calibrates on "
-        "--calib (default: text sampled from the model itself) with the settings measured best for the "
+        "--calib (default: the multi-domain text shipped with llmq) with the settings measured best for the "
         "type (see README).",
     )
     c.add_argument("src", help="model directory (config.json + *.safetensors) or hub id owner/name")
@@ -208,10 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--calib",
         metavar="SRC",
-        help="calibration text: a file (plain text, or .jsonl with a 'text' field), hub:<owner/dataset>[/file], "
-        "or self: sampled from the model (default, offline)",
+        help="calibration text: builtin (default: a multi-domain text shipped with llmq, offline), a file "
+        "(plain text, or .jsonl with a 'text' field), hub:<owner/dataset>[/file], or self: sampled from the model",
     )
-    a.add_argument("--calib-samples", type=int, metavar="N", help="calibration windows (default 128)")
+    a.add_argument(
+        "--calib-samples",
+        type=int,
+        metavar="N",
+        help="calibration windows (default 128; builtin: the distinct windows it holds)",
+    )
     a.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per window (default 512)")
     a.add_argument("--seed", type=int, default=0, help="seed of window offsets and self-sampling (default 0)")
     r = c.add_argument_group("run")
@@ -238,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("src", help="model directory or hub id")
     m.add_argument("-o", "--output", required=True, help="output file (.gguf, or .dat with --format dat)")
     m.add_argument("--format", choices=("gguf", "dat"), default="gguf", help="file format (default gguf)")
-    m.add_argument("--calib", metavar="SRC", help="calibration text, as for convert (default: self)")
+    m.add_argument("--calib", metavar="SRC", help="calibration text, as for convert (default: builtin)")
     m.add_argument("--calib-samples", type=int, default=128, metavar="N", help="windows (default 128)")
     m.add_argument(
         "--calib-seqlen", type=int, default=512, metavar="L", help="tokens per window (default 512)"

@@ -47,14 +47,21 @@ def block_errors(e: torch.Tensor, gram: torch.Tensor, bounds: list[tuple[int, in
 
 
 def clip_search(
-    w: torch.Tensor, target: Target, gram: torch.Tensor, importance: np.ndarray | None, ratios: list[float]
+    w: torch.Tensor,
+    target: Target,
+    gram: torch.Tensor,
+    importance: np.ndarray | None,
+    ratios: list[float],
+    *,
+    tokens: int = 1,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Shrink each (row, group) range to the ratio whose quantized group errs least on the output.
 
     Args:
         w: weight ``(N, K)`` float32 (already scaled).
         target: how it is stored (the group size sets the ranges searched).
-        gram: ``G`` of its input ``(K, K)``.
+        gram: ``G`` of its input ``(K, K)``, or the sum ``X^T X`` over ``tokens`` tokens (the choice
+            does not depend on the scale; the reported losses are divided by ``tokens``).
         importance: per-column importance for the weighted encoder, or None.
         ratios: candidate ratios, the first 1.0.
 
@@ -100,7 +107,7 @@ def clip_search(
     keep = after_rows < before_rows
     best_r = torch.where(keep[:, None], best_r, torch.ones_like(best_r))
     clipped = torch.where(keep[:, None], clipped, w)
-    n = w.shape[0]
+    n = w.shape[0] * max(tokens, 1)
     info = {
         "mean_ratio": float(best_r.mean()),
         "clipped_fraction": float((best_r < 1).float().mean()),

@@ -124,29 +124,35 @@ def encode_tensor(
     importance: np.ndarray | None = None,
     gram: np.ndarray | None = None,
     encoder: EncoderConfig = EncoderConfig(),
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """The bytes of one planned tensor, encoded a slab of rows at a time.
 
     Rows are independent in every codec (error feedback included: it mixes columns, not rows),
     so slabs give the bytes of the whole. Only linears take the encoder's refinement, feedback and
     grid; other tensors (embeddings, output) are encoded by their type with ``importance`` alone.
+    Error feedback takes the input's second moment ``gram`` or its `feedback_factor` (computed once
+    for linears that read the same input).
     """
     if plan.role != "linear":
         encoder = EncoderConfig(weighted=encoder.weighted)
     target = Target(plan.codec, plan.group, encoder)
     codec = target.codec_class()
-    # factored once for all slabs
-    factor = feedback_factor(gram) if gram is not None and target.uses_feedback() else None
+    if not target.uses_feedback():
+        factor = None
+    elif factor is None and gram is not None:  # factored once for all slabs
+        factor = feedback_factor(gram)
     rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
     out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
-    step = max(1, CHUNK_VALUES // rows.shape[1])
+    # error feedback loops over columns in Python: bigger slabs, fewer steps
+    step = max(1, (CHUNK_VALUES * (4 if factor is not None else 1)) // rows.shape[1])
 
     def slab(start: int) -> None:
         x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
         out[start : start + step] = target.encode(x, importance, factor)
 
     starts = range(0, rows.shape[0], step)
-    if factor is None and target.uses_libggml() and len(starts) > 1:  # C releases the GIL: slabs in parallel
+    if (factor is not None or target.uses_libggml()) and len(starts) > 1:  # BLAS and C release the GIL
         with ThreadPoolExecutor(ENCODE_THREADS) as pool:
             list(pool.map(slab, starts))
     else:

@@ -25,12 +25,14 @@ from .activations import CalibrationFlow, InputStats
 from .arch import ArchSpec, ScaleGroup, get_arch
 from .arch.hparams import llama3_rope_factors
 from .awq import AWQConfig
-from .calib import CalibConfig, Calibration, prepare_calibration
+from .calib import DEFAULT_SOURCE, CalibConfig, Calibration, prepare_calibration
 from .codecs import REGISTRY
 from .config import QuantConfig
+from .distributed import all_reduce_stats
 from .encoding import EncoderConfig, Target, encode_tensor
 from .errors import LlmqError
-from .imatrix_io import ImatrixFile, read_imatrix
+from .gptq import feedback_factor
+from .imatrix_io import ImatrixFile, check_imatrix
 from .methods import LayerReport, Search, get_search
 from .plan import TensorPlan, plan_tensors
 from .progress import LayerProgress
@@ -147,7 +149,7 @@ def open_job(
     plans = plan_tensors(ckpt, arch, cfg)
     awq = awq or default_awq(cfg)
     search = get_search(cfg.method, awq if cfg.method == "awq" else None)
-    imat = load_imatrix(imatrix, plans, cfg) if imatrix is not None else None
+    imat = check_imatrix(imatrix, plans, cfg) if imatrix is not None else None
     for p in plans:
         if p.note:
             log.info("%s: %s", p.name, p.note)
@@ -166,10 +168,12 @@ def needs_statistics(job: Job, sinks: Sequence[Sink]) -> bool:
 def calibrate(job: Job, calib: CalibConfig | torch.Tensor | None) -> Calibration:
     """Tokenize (or sample) the calibration windows once, saying which source is used."""
     if job.progress and isinstance(calib, CalibConfig | None):  # say what comes first: it can take long
-        cfg = calib or CalibConfig("self")
+        cfg = calib or CalibConfig(DEFAULT_SOURCE)
         how = (
             f"sampling {cfg.n_samples} x {cfg.seqlen} tokens from the model on {job.device} (a text file is faster)"
             if cfg.source == "self"
+            else f"up to {cfg.n_samples} x {cfg.seqlen} tokens (the distinct windows of llmq's own text)"
+            if cfg.source == "builtin"
             else f"{cfg.n_samples} x {cfg.seqlen} tokens"
         )
         print(f"llmq: calibration: {cfg.source}, {how}", file=sys.stderr)
@@ -307,6 +311,7 @@ def _layer(
     if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
         with prog.phase(what, "calibrate"):
             stats = flow.capture(layer, arch.capture_modules, write_outputs=job.awq.inputs == "fp")
+            all_reduce_stats(stats)  # every process's windows (torchrun), the same sums in each
             for s in sinks:
                 s.layer_stats(job, index, stats)
     with prog.phase(what, "search"):
@@ -314,6 +319,7 @@ def _layer(
     params = layer.state_dict()
     prefix = arch.layer_prefix.format(i=index)
     encoded: dict[str, Encoded] = {}
+    factors: dict[str, np.ndarray] = {}
     items = []
     for p in plans:  # encode, hand to sinks
         t = params[p.source.removeprefix(prefix)].detach()
@@ -324,11 +330,14 @@ def _layer(
             item.importance = report.importance.get(name)
             if item.importance is None and job.imatrix is not None:
                 item.importance = job.imatrix.entries.get(p.name)
-            gram = None
-            if job.encoder.feedback and stats is not None and arch.reader_of(name) in stats:
-                gram = stats[arch.reader_of(name)].mean_gram.numpy()  # after the search's folded scales
             with prog.phase(what, "encode"):
-                item.data = encode_tensor(p, t, item.importance, gram, job.encoder)
+                item.data = encode_tensor(
+                    p,
+                    t,
+                    item.importance,
+                    encoder=job.encoder,
+                    factor=_factor(job, stats, factors, name, targets[name]),
+                )
             encoded[name] = item
         with prog.phase(what, "write"):
             for s in tensor_sinks:
@@ -340,8 +349,24 @@ def _layer(
             flow.advance(layer)
     if report.details:
         log.info("layer %d: %s", index, layer_line(report))
-    del params, stats, encoded  # free before the next layer
+    del params, stats, encoded, factors  # free before the next layer
     return report, items
+
+
+def _factor(
+    job: Job, stats: dict[str, InputStats] | None, factors: dict[str, np.ndarray], name: str, target: Target
+) -> np.ndarray | None:
+    """The error-feedback factor of linear ``name``'s input, factored once per input and layer."""
+    reader = job.arch.reader_of(name)
+    if not target.uses_feedback() or stats is None or reader not in stats:
+        return None
+    if (
+        reader not in factors
+    ):  # the statistics after the search's folded scales (their sum: feedback is scale-free)
+        st = stats[reader]
+        gram, st.gram = st.gram, None  # type: ignore[assignment]  # its last use: factored in its memory
+        factors[reader] = feedback_factor(gram, overwrite=True)
+    return factors[reader]
 
 
 def layer_line(report: LayerReport) -> str:
@@ -356,37 +381,3 @@ def layer_line(report: LayerReport) -> str:
         ratios = [c["mean_ratio"] for c in clips.values()]
         parts.append(f"clip mean ratio {sum(ratios) / len(ratios):.3f}")
     return "; ".join(parts)
-
-
-def load_imatrix(
-    imatrix: str | os.PathLike[str] | ImatrixFile, plans: list[TensorPlan], cfg: QuantConfig
-) -> ImatrixFile:
-    """Read and check an importance matrix against the plan: one value per input column."""
-    if cfg.method != "rtn":
-        raise LlmqError(
-            "an importance matrix weighs round-to-nearest encoding (method=rtn); method=awq measures its own "
-            "importance from the calibration activations, adjusted for its scales"
-        )
-    imat = imatrix if isinstance(imatrix, ImatrixFile) else read_imatrix(imatrix)
-    used = 0
-    for p in plans:
-        v = imat.entries.get(p.name)
-        if v is None or len(p.shape) != 2:
-            continue
-        if v.shape != (p.shape[-1],):
-            raise LlmqError(
-                f"{imat.path}: imatrix entry {p.name} has {v.size} values; the tensor has "
-                f"{p.shape[-1]} input columns (an imatrix of another model?)"
-            )
-        used += 1
-    if used == 0:
-        raise LlmqError(f"{imat.path}: none of its {len(imat.entries)} entries names a tensor of this model")
-    missing = [p.name for p in plans if p.role == "linear" and p.name not in imat.entries]
-    if missing:
-        log.warning(
-            "imatrix %s has no entry for %d linears (e.g. %s): round to nearest",
-            imat.path,
-            len(missing),
-            missing[0],
-        )
-    return imat

@@ -5,44 +5,84 @@ The codec first encodes the weight as usual (llama.cpp's importance-weighted enc
 column at a time, each column's rounding error pushed onto the columns not yet rounded through
 the inverse of the layer input's second moment ``H = X^T X / n`` (Cholesky form, damped), so the
 output error ``tr(E H E^T)`` falls, not the per-weight one. The bytes keep the type's layout:
-llama.cpp reads them as any other block. NumPy, float64 for the error updates.
+llama.cpp reads them as any other block. NumPy, float32 (as GPTQ).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .codecs.base import Codec
 from .errors import LlmqError
 
 DAMP = 0.01  # GPTQ's dampening: this fraction of H's mean diagonal is added to the diagonal
 BLOCK = 128  # columns whose updates are applied lazily together (GPTQ's block)
+FACTOR_COLUMNS = 1024  # columns of the feedback factor inverted per step (bounds the scratch)
 
 
-def feedback_factor(gram: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1``; dead columns get ``H_jj = 1``.
+def flip_(a: torch.Tensor, step: int = 1024) -> torch.Tensor:
+    """Reverse the rows and the columns of a square matrix in place, ``step`` rows (columns) per swap."""
+    n = a.shape[0]
+    for axis in (0, 1):
+        v = a if axis == 0 else a.T
+        for i in range(0, n // 2, step):
+            j = min(i + step, n // 2)
+            top = v[i:j].clone()
+            v[i:j] = v[n - j : n - i].flip(0)
+            v[n - j : n - i] = top.flip(0)
+    return a
+
+
+def feedback_factor(
+    gram: np.ndarray | torch.Tensor, damp: float = DAMP, *, overwrite: bool = False
+) -> np.ndarray:
+    """Upper triangular ``U`` with ``U^T U = (H + damp * mean(diag H) * I)^-1``; dead columns get ``H_jj = 1``.
+
+    GPTQ factors ``H^-1`` by Cholesky after inverting ``H``; the same ``U`` is the inverse of the
+    "reversed" Cholesky factor ``V`` of ``H = V V^T`` (``V`` upper: the Cholesky factor of ``H`` with
+    rows and columns in reverse order): one factorization and one blocked triangular inversion in
+    place, float32 (as GPTQ). Feedback only uses ratios of
+    ``U``'s entries, so ``H`` may be the mean or the sum of the input's outer products.
 
     Args:
-        gram: ``H`` ``(K, K)``, the mean outer product of the layer input (`InputStats.mean_gram`).
+        gram: ``H`` ``(K, K)``, the input's second moment (`InputStats.gram`, or its mean).
         damp: dampening, relative to the mean of ``H``'s diagonal.
+        overwrite: use a float32 torch ``gram`` as the factorization's scratch (it is destroyed):
+            no copy of it, for a caller whose last use it is.
 
     Returns:
-        ``U`` ``(K, K)`` float64 with ``U^T U = H_damped^-1``.
+        ``U`` ``(K, K)`` float32, on the CPU.
     """
-    h = np.array(gram, dtype=np.float64)
-    if h.ndim != 2 or h.shape[0] != h.shape[1] or not np.isfinite(h).all():
-        raise LlmqError(f"error feedback needs a finite square input second moment, got shape {h.shape}")
-    diag = np.diagonal(h).copy()
+    h = torch.as_tensor(gram)
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or not bool(torch.isfinite(h).all()):
+        raise LlmqError(
+            f"error feedback needs a finite square input second moment, got shape {tuple(h.shape)}"
+        )
+    k = h.shape[0]
+    v = h if overwrite and h.dtype == torch.float32 else h.to(torch.float32, copy=True)
+    del h
+    flip_(v)  # reversed order
+    diag = v.diagonal()
     dead = diag <= 0
-    h[dead, :] = 0
-    h[:, dead] = 0
+    v[dead, :] = 0
+    v[:, dead] = 0
     diag[dead] = 1
-    np.fill_diagonal(h, diag + damp * diag.mean())
-    try:
-        inv = np.linalg.inv(np.linalg.cholesky(h))  # L^-1, so H^-1 = L^-T L^-1
-        return np.linalg.cholesky(inv.T @ inv).T
-    except np.linalg.LinAlgError as e:
-        raise LlmqError(f"error feedback: the input second moment is not positive definite ({e})") from e
+    diag += damp * float(diag.mean())
+    info = torch.zeros((), dtype=torch.int32, device=v.device)
+    torch.linalg.cholesky_ex(v, out=(v, info))  # the lower factor, in v's memory
+    if int(info) != 0:
+        raise LlmqError("error feedback: the input second moment is not positive definite")
+    u = flip_(v)  # V: upper, H = V V^T; inverted in place into U = V^-1, a block of columns at a time
+    for a in range(0, k, FACTOR_COLUMNS):
+        b = min(a + FACTOR_COLUMNS, k)
+        ujj = torch.linalg.solve_triangular(
+            u[a:b, a:b].contiguous(), torch.eye(b - a, dtype=u.dtype, device=u.device), upper=True
+        )
+        if a:  # U[:a, a:b] = -U[:a, :a] V[:a, a:b] U_jj, with U[:a, :a] already inverted
+            u[:a, a:b] = -((u[:a, :a] @ u[:a, a:b]) @ ujj)
+        u[a:b, a:b] = ujj
+    return u.cpu().numpy()
 
 
 def encode_feedback(
@@ -67,13 +107,14 @@ def encode_feedback(
     assert factor.shape == (k, k), (factor.shape, x.shape)
     data = codec.encode(x, importance, refine=refine).reshape(-1, codec.type_size)
     step, offset, codes, lo, hi = codec.grid_blocks(data)
-    step, offset = step.astype(np.float64).reshape(rows, k), offset.astype(np.float64).reshape(rows, k)
+    step, offset = step.astype(np.float32).reshape(rows, k), offset.astype(np.float32).reshape(rows, k)
     live = step != 0  # a zero step decodes to the offset whatever the code: keep the encoder's
-    w = x.astype(np.float64)
+    w = x.astype(np.float32, copy=True)
+    factor = np.asarray(factor, dtype=np.float32)
     out = codes.astype(np.int32).reshape(rows, k)
     for a in range(0, k, BLOCK):
         b = min(a + BLOCK, k)
-        wb, err, u = w[:, a:b].copy(), np.zeros((rows, b - a)), factor[a:b, a:b]
+        wb, err, u = w[:, a:b].copy(), np.zeros((rows, b - a), np.float32), factor[a:b, a:b]
         for j in range(b - a):
             col, s, o = wb[:, j], step[:, a + j], offset[:, a + j]
             with np.errstate(divide="ignore", invalid="ignore"):

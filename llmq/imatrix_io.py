@@ -9,16 +9,24 @@ computes from either: ``in_sum2 / counts``, or the legacy values over ``ncall``.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
 
 from .errors import LlmqError, SourceError
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
+    from .plan import TensorPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -209,3 +217,37 @@ def add_imatrix_metadata(w: gguf.GGUFWriter, imat: ImatrixFile) -> None:
         w.add_string("quantize.imatrix.dataset", imat.datasets[-1])
     w.add_uint32("quantize.imatrix.entries_count", len(imat.entries))  # UINT32, as llama-quantize
     w.add_uint32("quantize.imatrix.chunks_count", int(imat.chunk_count))
+
+
+def check_imatrix(
+    imatrix: str | os.PathLike[str] | ImatrixFile, plans: list[TensorPlan], cfg: QuantConfig
+) -> ImatrixFile:
+    """Read and check an importance matrix against the plan: one value per input column."""
+    if cfg.method != "rtn":
+        raise LlmqError(
+            "an importance matrix weighs round-to-nearest encoding (method=rtn); method=awq measures its own "
+            "importance from the calibration activations, adjusted for its scales"
+        )
+    imat = imatrix if isinstance(imatrix, ImatrixFile) else read_imatrix(imatrix)
+    used = 0
+    for p in plans:
+        v = imat.entries.get(p.name)
+        if v is None or len(p.shape) != 2:
+            continue
+        if v.shape != (p.shape[-1],):
+            raise LlmqError(
+                f"{imat.path}: imatrix entry {p.name} has {v.size} values; the tensor has "
+                f"{p.shape[-1]} input columns (an imatrix of another model?)"
+            )
+        used += 1
+    if used == 0:
+        raise LlmqError(f"{imat.path}: none of its {len(imat.entries)} entries names a tensor of this model")
+    missing = [p.name for p in plans if p.role == "linear" and p.name not in imat.entries]
+    if missing:
+        log.warning(
+            "imatrix %s has no entry for %d linears (e.g. %s): round to nearest",
+            imat.path,
+            len(missing),
+            missing[0],
+        )
+    return imat

@@ -13,9 +13,10 @@ from .awq import AWQConfig
 from .calib import CalibConfig
 from .codecs import IntegerGrid
 from .config import QuantConfig
+from .distributed import init_from_env, world
 from .encoding import EncoderConfig
 from .engine import Job, calibrate, needs_statistics, open_job, run
-from .errors import FormatError
+from .errors import FormatError, LlmqError
 from .imatrix_io import ImatrixFile
 from .result import ConvertResult
 from .resume import WorkDir, check_work_dir, run_key, work_path
@@ -89,8 +90,8 @@ def convert(
             go beside it (`output_paths`).
         config: quantization settings (default: AWQ, 4-bit asymmetric, groups of 32 = ``Q4_1``).
         formats: ``gguf``, ``compressed-tensors``, ``awq``, or several (comma-separated or a list).
-        calib: calibration for ``method="awq"``: a `CalibConfig` (default: ``self``, text sampled
-            from the model) or your own int64 ``(n_samples, seqlen)`` token tensor.
+        calib: calibration for ``method="awq"``: a `CalibConfig` (default: ``builtin``, the
+            multi-domain text shipped with llmq) or your own int64 ``(n_samples, seqlen)`` token tensor.
         awq: AWQ search settings (default `AWQConfig()`).
         encoder: encoder options (importance weighting, K-quant refinement, error feedback).
         imatrix: an importance matrix (llama.cpp GGUF or legacy ``.dat`` file, or `read_imatrix`'s
@@ -119,10 +120,17 @@ def convert(
         ...              formats="gguf,compressed-tensors", calib=llmq.CalibConfig("groups_merged.txt"))
     """
     cfg = config or QuantConfig()
+    device = init_from_env(device)  # under torchrun: join the process group, one GPU per process
+    rank, size = world()
+    if size > 1 and resume:
+        raise LlmqError(
+            "resume=True (--resume) is not available under torchrun: run a single process to resume"
+        )
     names = parse_formats(formats)
     paths = output_paths(src, out, cfg, names)
     wpath = work_path(paths[names[0]])
-    check_work_dir(wpath, resume=resume, overwrite=overwrite)  # before any work
+    if rank == 0:
+        check_work_dir(wpath, resume=resume, overwrite=overwrite)  # before any work
     resuming = resume and (wpath / "manifest.json").is_file()
     if resuming:  # a run killed after its rename left whole outputs: they are this run's to replace
         for p in paths.values():
@@ -131,13 +139,14 @@ def convert(
     options = OutputOptions(overwrite or resuming, write_card, write_report, command, max_shard_bytes)
     sinks: list[SinkBase] = [FORMATS[f](paths[f], options) for f in names]
     job = open_job(src, cfg, awq=awq, encoder=encoder, imatrix=imatrix, device=device,
-                   allow_pickle=allow_pickle, progress=progress)  # fmt: skip
+                   allow_pickle=allow_pickle, progress=progress and rank == 0)  # fmt: skip
     prepare(job, sinks)
     if needs_statistics(job, sinks):
         calibrate(job, calib)
     key = run_key(job.model_dir, job.cfg, job.search.name, job.awq, job.encoder, job.imatrix, job.calibration)
-    work = WorkDir.open(wpath, key, resume=resume, overwrite=overwrite)
-    reports = run(job, sinks, work)
+    work = WorkDir.open(wpath, key, resume=resume, overwrite=overwrite) if size == 1 else None
+    # under torchrun process 0 writes; the others step their windows and share their statistics
+    reports = run(job, sinks if rank == 0 else [], work)
     return ConvertResult(
         paths[names[0]],
         tuple(job.plans),

@@ -87,3 +87,39 @@ def test_calibration_file_formats(tmp_path: Path) -> None:
         read_texts(tmp_path / "nope.txt")
     with pytest.raises(LlmqError, match="sample from"):
         calibration_tokens(CalibConfig("self", n_samples=1, seqlen=8), tok)
+
+
+def test_builtin_calibration_is_shipped_and_gives_distinct_windows(tmp_path: Path) -> None:
+    from tiny_models import make_tokenizer
+    from transformers import AutoTokenizer
+
+    from llmq.calib import DEFAULT_SOURCE, builtin_texts
+
+    assert DEFAULT_SOURCE == "builtin"
+    texts = builtin_texts()
+    assert len(texts) >= 8 and sum(len(t) for t in texts) > 40_000  # package data, every domain file
+    make_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    t = calibration_tokens(CalibConfig("builtin", n_samples=10_000, seqlen=256), tok)
+    n_ids = sum(len(tok(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts)
+    assert t.shape == (n_ids // 256, 256)  # capped at the distinct windows the text holds
+    assert len({tuple(row.tolist()) for row in t}) == len(t)
+    few = calibration_tokens(CalibConfig("builtin", n_samples=3, seqlen=256), tok)
+    assert few.shape == (3, 256)
+
+
+def test_input_stats_in_row_chunks_equal_the_float64_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmq.activations import InputStats
+
+    monkeypatch.setattr(InputStats, "ROWS", 7)  # several chunks of a 20-wide Gram
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 20, generator=gen) * torch.linspace(0.1, 10, 20)
+    s = torch.rand(20, generator=gen) + 0.5
+    st = InputStats(20)
+    for part in x:
+        st.add(part)
+    st.divide(s)
+    x64 = x.reshape(-1, 20).double() / s.double()
+    torch.testing.assert_close(st.mean_gram.double(), x64.T @ x64 / 150, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.mean_abs.double(), x64.abs().mean(0), rtol=1e-5, atol=1e-7)
+    assert st.gram.dtype == torch.float32 and st.n == 150

@@ -272,7 +272,7 @@ def test_imatrix_is_the_mean_square_of_each_linear_input(tiny: Path) -> None:
     assert len(imat) == 2 * 7
 
 
-def test_cli_awq_offline_with_self_calibration(
+def test_cli_awq_offline_with_builtin_calibration(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from llmq.cli import main
@@ -292,8 +292,8 @@ def test_cli_awq_offline_with_self_calibration(
     ]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "calibration: self, sampling 4 x 32 tokens" in captured.err  # said before it starts
-    assert "AWQ calibrated on self" in captured.out
+    assert "calibration: builtin, up to 4 x 32 tokens" in captured.err  # said before it starts
+    assert "AWQ calibrated on builtin" in captured.out
     fields = gguf.GGUFReader(out).fields
     settings = parse_awq_text(fields["llmq.awq"].contents())
     assert settings["clip"] == "on" and settings["inputs"] == "quant"  # Q4_0's measured recipe
@@ -318,3 +318,44 @@ def test_block_errors_match_a_loop_over_groups() -> None:
         bounds = group_bounds(160, group)
         want = torch.stack([((e[:, a:b] @ gram[a:b, a:b]) * e[:, a:b]).sum(1) for a, b in bounds], 1)
         torch.testing.assert_close(block_errors(e, gram, bounds), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_scoring_is_the_mean_row_error_of_a_fixed_sample() -> None:
+    from llmq.activations import InputStats
+    from llmq.awq import sample_rows, scale_losses
+    from llmq.clip import row_errors
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 64, generator=gen) * torch.linspace(0.2, 5, 64)
+    st = InputStats(64)
+    st.add(x)
+    w = torch.randn(96, 64, generator=gen)
+    s = torch.rand(64, generator=gen) + 0.5
+    t = Target("Q4_0", 32, EncoderConfig())
+    rows = sample_rows(w, 16)
+    assert torch.equal(rows, sample_rows(w, 16)) and rows.shape == (16, 64)  # seeded by the shape
+    assert {tuple(r.tolist()) for r in rows} <= {tuple(r.tolist()) for r in w}
+    assert sample_rows(w, 0) is w and sample_rows(w, 96) is w
+    q = torch.from_numpy(t.fake_quant((rows * s).numpy(), st.mean_sq / (s.numpy() ** 2))) / s
+    want = float(row_errors(rows - q, st.mean_gram).mean())
+    base, scaled = scale_losses([w], [t], st, [None, s], sample=16)
+    assert scaled == pytest.approx(want, rel=1e-5)
+    full = float(row_errors(w - torch.from_numpy(t.fake_quant(w.numpy(), st.mean_sq)), st.mean_gram).mean())
+    assert scale_losses([w], [t], st, [None], sample=0)[0] == pytest.approx(full, rel=1e-5)
+    with pytest.raises(llmq.LlmqError, match="sample_rows"):
+        AWQConfig(sample_rows=-1)
+
+
+def test_fast_scoring_drops_only_the_refinement() -> None:
+    from llmq.activations import InputStats
+    from llmq.awq import scale_losses
+
+    gen = torch.Generator().manual_seed(8)
+    st = InputStats(256)
+    st.add(torch.randn(600, 256, generator=gen))
+    w = torch.randn(8, 256, generator=gen)
+    refined = Target("Q4_K", 256, EncoderConfig(refine=True))
+    plain = Target("Q4_K", 256, EncoderConfig(refine=False))
+    fast = scale_losses([w], [refined], st, [None], exact=False)
+    assert fast == scale_losses([w], [plain], st, [None])
+    assert fast != scale_losses([w], [refined], st, [None])

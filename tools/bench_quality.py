@@ -75,8 +75,14 @@ LEGACY = {"inputs": "quant", "clip": True}
 METHODS: dict[str, tuple[dict, dict] | None] = {
     "awq": None,
     "awq-self": None,
+    "awq-builtin": None,
     "awq-legacy": (LEGACY, {}),
     "awq-kmix": ({"inputs": "fp", "clip": False}, {"feedback": True, "refine": "auto"}),
+    # the K recipe scoring scale candidates on every row with the storing encoder (before sampled scoring)
+    "awq-kexact": (
+        {"inputs": "fp", "clip": False, "sample_rows": 0, "exact_scoring": True},
+        {"feedback": True, "refine": "auto"},
+    ),
     "awq-noscale": ({**LEGACY, "scale": False}, {}),
     "awq-noclip": ({**LEGACY, "clip": False}, {}),
     "awq-noweight": (LEGACY, {"weighted": False}),
@@ -198,7 +204,7 @@ def row(
             "method": "rtn" if method == "rtn" else "awq",
             "quant": QUANTS[quant],
             "recipe": None if method == "rtn" else METHODS[method],
-            "calib": "self" if method == "awq-self" else str(args.calib),
+            "calib": {"awq-self": "self", "awq-builtin": "builtin"}.get(method, str(args.calib)),
             "samples": samples,
             "seqlen": args.seqlen,
         }

@@ -1,0 +1,1 @@
+"""Data shipped with llmq: the built-in calibration text (`llmq.calib`)."""
