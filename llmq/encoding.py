@@ -92,20 +92,23 @@ class Target:
         imp = importance if enc.weighted else None
         if self.grouped:
             return codec.encode_grouped(w, self.group, imp, grid=enc.grid)  # type: ignore[attr-defined]
-        if factor is not None and self.uses_feedback():
-            return encode_feedback(codec, w, factor, imp, refine=enc.refine)
-        if self.uses_libggml():  # the same bytes at C speed
-            imp = imp if codec.supports_importance else None
-            flat = ggml.encode(int(codec.qtype), w, codec.nbytes(w.shape), imp)
-            return flat.reshape(codec.byte_shape(w.shape))
-        return codec.encode(w, imp, refine=enc.refine)
+        if not self.uses_libggml():
+            data = codec.encode(w, imp, refine=enc.refine)
+        else:  # the same bytes at C speed, then the NumPy refinement
+            flat = ggml.encode(
+                int(codec.qtype), w, codec.nbytes(w.shape), imp if codec.supports_importance else None
+            )
+            data = flat.reshape(codec.byte_shape(w.shape))
+            if enc.refine:
+                data = codec.refine(w, imp, data).reshape(codec.byte_shape(w.shape))
+        if factor is not None and self.uses_feedback():  # the codes re-chosen, the scales kept
+            return encode_feedback(codec, w, factor, imp, refine=enc.refine, data=data)
+        return data
 
     def uses_libggml(self) -> bool:
-        """Whether plain encodes go through libggml's `ggml_quantize_chunk` (installed; no refinement)."""
+        """Whether encodes go through libggml's `ggml_quantize_chunk` (installed; not group-wise grids)."""
         codec = self.codec_class()
-        return (
-            not (codec.is_float or self.encoder.refine or self.grouped) and ggml.quantize_chunk() is not None
-        )
+        return not (codec.is_float or self.grouped) and ggml.quantize_chunk() is not None
 
     def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         """``w`` as it will be stored without error feedback: encoded, decoded back (float32)."""

@@ -86,7 +86,13 @@ def feedback_factor(
 
 
 def encode_feedback(
-    codec: type[Codec], x: np.ndarray, factor: np.ndarray, importance: np.ndarray | None, *, refine: bool
+    codec: type[Codec],
+    x: np.ndarray,
+    factor: np.ndarray,
+    importance: np.ndarray | None,
+    *,
+    refine: bool,
+    data: np.ndarray | None = None,
 ) -> np.ndarray:
     """``x`` ``(rows, K)`` encoded with ``codec``'s scales, its codes chosen by error feedback.
 
@@ -96,6 +102,7 @@ def encode_feedback(
         factor: `feedback_factor` of the input's second moment ``(K, K)``.
         importance: per-column importance for the first encoding (None: reference encoder).
         refine: refine that first encoding (`llmq.codecs.krefine`).
+        data: that first encoding, if the caller has it (``codec.encode(x, importance, refine=refine)``).
 
     Returns:
         The bytes ``codec.byte_shape(x.shape)``: same layout, scales and mins as
@@ -105,7 +112,9 @@ def encode_feedback(
         raise LlmqError(f"{codec.name} has no integer grid for error-feedback rounding")
     rows, k = x.shape
     assert factor.shape == (k, k), (factor.shape, x.shape)
-    data = codec.encode(x, importance, refine=refine).reshape(-1, codec.type_size)
+    if data is None:
+        data = codec.encode(x, importance, refine=refine)
+    data = data.reshape(-1, codec.type_size)
     step, offset, codes, lo, hi = codec.grid_blocks(data)
     step, offset = step.astype(np.float32).reshape(rows, k), offset.astype(np.float32).reshape(rows, k)
     live = step != 0  # a zero step decodes to the offset whatever the code: keep the encoder's

@@ -45,8 +45,24 @@ def test_slabs_in_parallel_equal_one_encode(monkeypatch: pytest.MonkeyPatch) -> 
     np.testing.assert_array_equal(got, REGISTRY["Q4_K"].encode(w.numpy()))
 
 
-def test_refinement_and_disabling_keep_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert not Target("Q4_K", 256, EncoderConfig(refine=True)).uses_libggml()
+def test_refined_and_fed_back_encodes_start_from_libggml_with_the_same_bytes() -> None:
+    from llmq.gptq import encode_feedback, feedback_factor
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 512, generator=gen) * torch.linspace(0.2, 4, 512)
+    factor = feedback_factor((x.T @ x / 400).numpy())
+    w = torch.randn(24, 512, generator=gen).numpy()
+    imp = (x**2).mean(0).numpy()
+    for name in ("Q4_K", "Q5_K", "Q6_K"):
+        codec = REGISTRY[name]
+        target = Target(name, 256, EncoderConfig(refine=True, feedback=True))
+        assert target.uses_libggml()
+        np.testing.assert_array_equal(target.encode(w, imp), codec.encode(w, imp, refine=True))
+        want = encode_feedback(codec, w, factor, imp, refine=True)  # its own NumPy first encoding
+        np.testing.assert_array_equal(target.encode(w, imp, factor), want)
+
+
+def test_float_and_disabling_keep_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not Target("F16", 1).uses_libggml()
     monkeypatch.setenv(ggml.ENV, "0")
     ggml.quantize_chunk.cache_clear()

@@ -196,12 +196,18 @@ class Codec:
         if refine:
             if is_torch_array(x):
                 raise FormatError(f"{cls.name}: refined encoding takes NumPy arrays")
-            k = x.shape[-1]
-            imp = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
-            metric = np.broadcast_to(imp, (blocks.size // k, k)).reshape(blocks.shape)
-            out = cls.refine_blocks(blocks, metric, out)
-        assert out.dtype == xp.uint8 and out.shape[1] == cls.type_size, (cls.name, out.dtype, out.shape)
+            out = cls.refine(x, importance, out)
+        assert out.dtype == xp.uint8 and out.shape[-1] == cls.type_size, (cls.name, out.dtype, out.shape)
         return out.reshape(cls.byte_shape(x.shape))
+
+    @classmethod
+    def refine(cls, x: np.ndarray, importance: np.ndarray | None, data: np.ndarray) -> np.ndarray:
+        """``data``, the encoding of ``x`` (NumPy), improved by `refine_blocks` under ``importance``."""
+        k = x.shape[-1]
+        blocks = x.reshape(-1, cls.block_size)
+        imp = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
+        metric = np.broadcast_to(imp, (blocks.size // k, k)).reshape(blocks.shape)
+        return cls.refine_blocks(blocks, metric, data.reshape(-1, cls.type_size))
 
     @classmethod
     def refine_blocks(cls, blocks: np.ndarray, weights: np.ndarray, data: np.ndarray) -> np.ndarray:
