@@ -53,8 +53,8 @@ class AWQConfig:
         sample_rows: output rows of each linear on which scale candidates are scored (a fixed,
             seeded sample; 0 scores all rows). Rows are encoded independently and the loss is a
             sum over rows, so a sample estimates it at a cost that does not grow with the layer;
-            the winner is then encoded on every row. 256 was measured (BENCHMARKS.md, "Sampled
-            scoring"): the same KL as all rows.
+            the winner is then encoded on every row. 1024 is the default: 256 lost 1.7% KL on the
+            dithered SmolLM2 reference (BENCHMARKS.md, "Sampled scoring").
         exact_scoring: score candidates with the encoder that stores the weights, refinement
             included; False (measured a tie) scores them without K-quant refinement, at libggml's
             speed where it is installed.
@@ -67,7 +67,7 @@ class AWQConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5
     inputs: str = "quant"
-    sample_rows: int = 256
+    sample_rows: int = 1024
     exact_scoring: bool = False
 
     def __post_init__(self) -> None:
@@ -87,14 +87,17 @@ class AWQConfig:
         return [1.0 - i / self.clip_grid for i in range(max(1, int(self.max_shrink * self.clip_grid)))]
 
 
-def _weight_mean(ws: list[torch.Tensor], group: int) -> torch.Tensor:
-    # AutoAWQ's w_mean: |w| relative to its group's max, averaged over all output rows
-    w = torch.cat(ws, 0).abs()
-    parts = [
-        w[:, a:b] / w[:, a:b].amax(dim=1, keepdim=True).clamp(min=1e-12)
-        for a, b in group_bounds(w.shape[1], group)
-    ]
-    return torch.cat(parts, 1).mean(0)
+def _weight_mean(ws: list[torch.Tensor], group: int, rows: int = 4096) -> torch.Tensor:
+    # AutoAWQ's w_mean: |w| relative to its group's max, averaged over all output rows (in slabs of
+    # rows: a 70B gate+up pair is 1.9 GB in float32, its temporaries would be several times that)
+    total = torch.zeros(ws[0].shape[1], dtype=torch.float64)
+    for w in ws:
+        for r in range(0, w.shape[0], rows):
+            x = w[r : r + rows].abs()
+            for a, b in group_bounds(w.shape[1], group):
+                x[:, a:b] /= x[:, a:b].amax(dim=1, keepdim=True).clamp(min=1e-12)
+            total += x.sum(0, dtype=torch.float64)
+    return (total / sum(w.shape[0] for w in ws)).float()
 
 
 def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, duo: bool) -> torch.Tensor:

@@ -359,3 +359,14 @@ def test_fast_scoring_drops_only_the_refinement() -> None:
     fast = scale_losses([w], [refined], st, [None], exact=False)
     assert fast == scale_losses([w], [plain], st, [None])
     assert fast != scale_losses([w], [refined], st, [None])
+
+
+def test_weight_mean_in_row_slabs_is_autoawqs_w_mean() -> None:
+    from llmq.awq import _weight_mean
+
+    gen = torch.Generator().manual_seed(9)
+    ws = [torch.randn(100, 96, generator=gen), torch.randn(50, 96, generator=gen) * 3]
+    for group in (32, -1):
+        w = torch.cat(ws, 0).abs()
+        parts = [w[:, a:b] / w[:, a:b].amax(dim=1, keepdim=True) for a, b in group_bounds(96, group)]
+        torch.testing.assert_close(_weight_mean(ws, group, rows=7), torch.cat(parts, 1).mean(0))

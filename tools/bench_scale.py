@@ -14,6 +14,8 @@ Rows (``--rows``, comma-separated; each conversion is a fresh child process, tim
   (target <= 1.5).
 - ``awq70b``: AWQ Q4_K_M of one Llama-3.1-70B-shaped layer (`--preset 70b`): peak RSS (target <= 16 GB)
   and, with ``--device cuda``, peak GPU memory.
+- ``quick``: the README's first command, ``llmq convert SmolLM2 --bits 4 --group 128`` with every default
+  (calibration included), through the CLI (target <= 120 s on 2 CPU cores).
 
 Usage::
 
@@ -104,7 +106,7 @@ def per_layer(out: str) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="rtn8b,smollm2,awq8b,awq70b")
+    ap.add_argument("--rows", default="quick,rtn8b,smollm2,awq8b,awq70b")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-bench-scale"))
     ap.add_argument("--calib", type=Path, default=CALIB)
     ap.add_argument("--samples", type=int, default=128)
@@ -120,6 +122,11 @@ def main() -> int:
     quantize = None
     if "rtn8b" in rows or "smollm2" in rows:
         quantize = build_llama_perplexity(log=lambda s: print(s, file=sys.stderr)).with_name("llama-quantize")
+    if "quick" in rows:
+        out = args.work / "quick.gguf"
+        cli = [sys.executable, "-m", "llmq", "convert", str(SMOLLM2), "--bits", "4", "--group", "128"]
+        secs, rss, _ = run_child(cli + ["-o", str(out), "--force", "-q"])
+        lines.append(f"quick: README's first convert {secs:.1f} s ({rss:.2f} GiB) (target <= 120 s)")
     if "rtn8b" in rows:
         src = synthetic("8b", args.work)
         f16 = args.work / "8b-F16.gguf"
