@@ -160,7 +160,7 @@ class AWQSearch:
             if not cfg.scale:
                 continue
             prev = layer.get_submodule(group.prev)
-            if group.needs_same_shape and prev.weight.shape[0] != linears[0].weight.shape[1]:
+            if skips_scaling(group, prev, linears):
                 scale_info.append(
                     {"prev": group.prev, "skipped": "output width differs (grouped-query attention)"}
                 )
@@ -173,13 +173,14 @@ class AWQSearch:
         report.details["scales"] = scale_info
         clip_info = {}
         for group, st in groups:
-            for name in group.linears:
-                t = targets[name]
-                if not cfg.clip or name in arch.no_clip or t.is_float:
-                    continue
+            names = [
+                n for n in group.linears if cfg.clip and n not in arch.no_clip and not targets[n].is_float
+            ]
+            gram = st.gram.cpu() if names else None  # one copy per group when the statistics are on a GPU
+            for name in names:
                 module = layer.get_submodule(name)
                 w, info = clip_search(
-                    module.weight.data, t, st.gram.cpu(), st.mean_sq, cfg.clip_ratios, tokens=st.n
+                    module.weight.data, targets[name], gram, st.mean_sq, cfg.clip_ratios, tokens=st.n
                 )
                 module.weight.data.copy_(w)
                 clip_info[name] = info
@@ -193,9 +194,7 @@ class AWQSearch:
         cfg = self.config
         full = [m.weight.data for m in linears]
         ts = [targets[n] for n in group.linears]
-        w_mean = _weight_mean(full, ts[0].group if not ts[0].is_float else -1)
-        alphas = [i / cfg.n_grid for i in range(cfg.n_grid)]
-        candidates = [_scales(st.mean_abs, w_mean, a, cfg.duo_scaling) for a in alphas]
+        alphas, candidates = candidate_scales(full, ts, st, cfg)
         base, *values = scale_losses(full, ts, st, [None, *candidates], cfg.sample_rows, cfg.exact_scoring)
         best, best_alpha, best_s = base, None, None
         for alpha, s, value in zip(alphas, candidates, values, strict=True):
@@ -212,6 +211,20 @@ class AWQSearch:
             log.info("%s: no scale beats the unscaled weights (loss %.4g); keeping them", group.prev, base)
             info["fallback"] = True
         return best_s, info
+
+
+def candidate_scales(
+    ws: list[torch.Tensor], targets: list[Target], st: InputStats, cfg: AWQConfig
+) -> tuple[list[float], list[torch.Tensor]]:
+    """The grid of a scale group: exponents ``a`` and their per-column scales ``(K,)``."""
+    w_mean = _weight_mean(ws, targets[0].group if not targets[0].is_float else -1)
+    alphas = [i / cfg.n_grid for i in range(cfg.n_grid)]
+    return alphas, [_scales(st.mean_abs, w_mean, a, cfg.duo_scaling) for a in alphas]
+
+
+def skips_scaling(group: ScaleGroup, prev: nn.Module, linears: list[nn.Module]) -> bool:
+    """Whether ``prev``'s outputs cannot take the group's scales (v -> o under grouped-query attention)."""
+    return group.needs_same_shape and prev.weight.shape[0] != linears[0].weight.shape[1]
 
 
 def scale_losses(

@@ -25,7 +25,7 @@ from .activations import CalibrationFlow, InputStats
 from .arch import ArchSpec, ScaleGroup, get_arch
 from .arch.hparams import llama3_rope_factors
 from .awq import AWQConfig
-from .calib import DEFAULT_SOURCE, CalibConfig, Calibration, prepare_calibration
+from .calib import BUILTIN, DEFAULT_SOURCE, CalibConfig, Calibration, prepare_calibration
 from .codecs import REGISTRY
 from .config import QuantConfig
 from .distributed import all_reduce_stats
@@ -173,7 +173,7 @@ def calibrate(job: Job, calib: CalibConfig | torch.Tensor | None) -> Calibration
             f"sampling {cfg.n_samples} x {cfg.seqlen} tokens from the model on {job.device} (a text file is faster)"
             if cfg.source == "self"
             else f"up to {cfg.n_samples} x {cfg.seqlen} tokens (the distinct windows of llmq's own text)"
-            if cfg.source == "builtin"
+            if cfg.source == BUILTIN
             else f"{cfg.n_samples} x {cfg.seqlen} tokens"
         )
         print(f"llmq: calibration: {cfg.source}, {how}", file=sys.stderr)
@@ -360,9 +360,8 @@ def _factor(
     reader = job.arch.reader_of(name)
     if not target.uses_feedback() or stats is None or reader not in stats:
         return None
-    if (
-        reader not in factors
-    ):  # the statistics after the search's folded scales (their sum: feedback is scale-free)
+    if reader not in factors:
+        # the statistics after the search's folded scales (their sum: feedback is scale-free)
         st = stats[reader]
         gram, st.gram = st.gram, None  # type: ignore[assignment]  # its last use: factored in its memory
         factors[reader] = feedback_factor(gram, overwrite=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import llmq
 from llmq.activations import CalibrationFlow
-from llmq.awq import _scales, _weight_mean, scale_losses
+from llmq.awq import candidate_scales, scale_losses, skips_scaling
 from llmq.calib import CalibConfig
 from llmq.encoding import Target
 from llmq.engine import calibrate, open_job
@@ -62,7 +62,6 @@ def main() -> int:
     calibrate(job, CalibConfig(args.calib, n_samples=args.samples, seqlen=args.seqlen))
     flow = CalibrationFlow.from_checkpoint(job.calibration, job.ckpt, job.arch, device="cpu")
     stream = LayerStream(job.ckpt, job.arch)
-    cfg = job.awq
     agree = {v: 0 for v in variants}
     regret: dict[str, list[float]] = {v: [] for v in variants}
     seconds = {v: 0.0 for v in variants}
@@ -76,15 +75,12 @@ def main() -> int:
             for group in job.arch.scale_groups:
                 linears = [layer.get_submodule(n) for n in group.linears]
                 prev = layer.get_submodule(group.prev)
-                if group.needs_same_shape and prev.weight.shape[0] != linears[0].weight.shape[1]:
+                if skips_scaling(group, prev, linears):
                     continue
                 st = stats[group.linears[0]]
                 ws = [m.weight.data for m in linears]
                 ts = [targets[n] for n in group.linears]
-                w_mean = _weight_mean(ws, ts[0].group)
-                cands = [None] + [
-                    _scales(st.mean_abs, w_mean, i / cfg.n_grid, cfg.duo_scaling) for i in range(cfg.n_grid)
-                ]
+                cands = [None, *candidate_scales(ws, ts, st, job.awq)[1]]
                 ref = None
                 for v in variants:
                     sample, exact = parse_variant(v)
