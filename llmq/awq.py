@@ -176,11 +176,10 @@ class AWQSearch:
             names = [
                 n for n in group.linears if cfg.clip and n not in arch.no_clip and not targets[n].is_float
             ]
-            gram = st.gram.cpu() if names else None  # one copy per group when the statistics are on a GPU
-            for name in names:
+            for name in names:  # on the statistics' device
                 module = layer.get_submodule(name)
                 w, info = clip_search(
-                    module.weight.data, targets[name], gram, st.mean_sq, cfg.clip_ratios, tokens=st.n
+                    module.weight.data, targets[name], st.gram, st.mean_sq, cfg.clip_ratios, tokens=st.n
                 )
                 module.weight.data.copy_(w)
                 clip_info[name] = info
@@ -251,17 +250,18 @@ def scale_losses(
     """
     if not exact:
         targets = [replace(t, encoder=replace(t.encoder, refine=False)) for t in targets]
-    # the summed Gram, not a mean copy of it (3.3 GB at 28672 inputs): losses divide by the tokens
-    mean_sq, gram = st.mean_sq, st.gram.cpu()
-    ws = [sample_rows(w, sample) for w in ws]
+    # the summed Gram, not a mean copy of it (3.3 GB at 28672 inputs): losses divide by the tokens.
+    # Scoring runs where the statistics are (a GPU's encoders and products, or the CPU's).
+    mean_sq, gram = st.mean_sq, st.gram
+    ws = [sample_rows(w, sample).to(gram.device) for w in ws]
     n_out = sum(w.shape[0] for w in ws) * max(st.n, 1)
 
     def loss(s: torch.Tensor | None) -> float:
         total = 0.0
-        imp = mean_sq if s is None else mean_sq / (s.numpy() ** 2)
+        imp = mean_sq if s is None else mean_sq / (s.cpu().numpy() ** 2)
+        s = None if s is None else s.to(gram.device)
         for w, t in zip(ws, targets, strict=True):
-            ws_ = w if s is None else w * s
-            q = torch.from_numpy(t.fake_quant(ws_.numpy(), imp))
+            q = t.fake_quant(w if s is None else w * s, imp)
             if s is not None:
                 q = q / s
             total += output_error(w - q, gram)

@@ -69,13 +69,14 @@ def clip_search(
         (clipped weight, info with mean ratio, fraction of groups clipped, loss before/after).
     """
     assert ratios and ratios[0] == 1.0, ratios
+    w = w.to(gram.device)  # searched where the statistics are
     bounds = group_bounds(w.shape[1], target.group)
     lo = torch.stack([w[:, a:b].amin(dim=1) for a, b in bounds], 1)
     hi = torch.stack([w[:, a:b].amax(dim=1) for a, b in bounds], 1)
     if target.symmetric:
         hi = torch.maximum(hi.abs(), lo.abs())
         lo = -hi
-    widths = torch.tensor([b - a for a, b in bounds])
+    widths = torch.tensor([b - a for a, b in bounds], device=w.device)
 
     def clamp(r: torch.Tensor) -> torch.Tensor:  # r: (N, n_groups) ratios
         lo_e = torch.repeat_interleave(lo * r, widths, dim=1)
@@ -83,13 +84,16 @@ def clip_search(
         return torch.minimum(torch.maximum(w, lo_e), hi_e)
 
     def group_losses(wc: torch.Tensor) -> torch.Tensor:
-        e = w - torch.from_numpy(target.fake_quant(wc.numpy(), importance))
+        e = w - target.fake_quant(wc, importance)
         return block_errors(e, gram, bounds)
 
     n_groups = len(bounds)
     with ThreadPoolExecutor(max_workers=THREADS) as pool:  # independent candidates, as in the scale search
         all_losses = list(
-            pool.map(lambda ratio: group_losses(clamp(torch.full((w.shape[0], n_groups), ratio))), ratios)
+            pool.map(
+                lambda ratio: group_losses(clamp(torch.full((w.shape[0], n_groups), ratio, device=w.device))),
+                ratios,
+            )
         )
     best = all_losses[0]
     best_r = torch.ones_like(best)
@@ -102,8 +106,8 @@ def clip_search(
     # The choice above scores each group on its diagonal block of G; the output error of a row also
     # has cross-group terms. Keep a row's clipping only if its full output error goes down (rows are
     # encoded independently, so this is exact).
-    before_rows = row_errors(w - torch.from_numpy(target.fake_quant(w.numpy(), importance)), gram)
-    after_rows = row_errors(w - torch.from_numpy(target.fake_quant(clipped.numpy(), importance)), gram)
+    before_rows = row_errors(w - target.fake_quant(w, importance), gram)
+    after_rows = row_errors(w - target.fake_quant(clipped, importance), gram)
     keep = after_rows < before_rows
     best_r = torch.where(keep[:, None], best_r, torch.ones_like(best_r))
     clipped = torch.where(keep[:, None], clipped, w)

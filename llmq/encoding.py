@@ -10,7 +10,8 @@ importance-weighted encoders) and ``gram`` (the input's second moment: error-fee
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import overload
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ class Target:
         return self.encoder.feedback and self.codec_class().supports_grid and not self.grouped
 
     def encode(
-        self, w: np.ndarray, importance: np.ndarray | None, factor: np.ndarray | None = None
+        self, w: np.ndarray, importance: np.ndarray | None, factor: np.ndarray | torch.Tensor | None = None
     ) -> np.ndarray:
         """The bytes of ``w`` ``(rows, K)``: the one dispatch over the encoder's paths.
 
@@ -110,9 +111,31 @@ class Target:
         codec = self.codec_class()
         return not (codec.is_float or self.grouped) and ggml.quantize_chunk() is not None
 
-    def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        """``w`` as it will be stored without error feedback: encoded, decoded back (float32)."""
-        return self.codec_class().decode(self.encode(w, importance), w.shape)
+    @overload
+    def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray: ...
+    @overload
+    def fake_quant(self, w: torch.Tensor, importance: np.ndarray | None) -> torch.Tensor: ...
+    def fake_quant(
+        self, w: np.ndarray | torch.Tensor, importance: np.ndarray | None
+    ) -> np.ndarray | torch.Tensor:
+        """``w`` as it will be stored without error feedback: encoded, decoded back (float32).
+
+        A torch tensor gives a tensor on its device. Off the CPU, types whose codec runs on torch
+        (the K-quants, ungrouped) encode there, with the CPU's bytes; on the CPU, and for the
+        others, the values go through `encode` (libggml, or NumPy) and back.
+        """
+        if not isinstance(w, torch.Tensor):
+            return self.codec_class().decode(self.encode(w, importance), w.shape)
+        if self.on_device(w.device):
+            codec, imp = self.codec_class(), importance if self.encoder.weighted else None
+            return codec.decode(codec.encode(w.float(), imp, refine=self.encoder.refine), tuple(w.shape))
+        values = self.fake_quant(w.detach().float().cpu().numpy(), importance)
+        return torch.from_numpy(values).to(w.device)
+
+    def on_device(self, device: torch.device) -> bool:
+        """Whether `fake_quant` encodes on ``device`` itself: not the CPU (libggml is faster there)."""
+        codec = self.codec_class()
+        return device.type != "cpu" and codec.array_api and not self.grouped
 
 
 # Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,
@@ -127,7 +150,7 @@ def encode_tensor(
     importance: np.ndarray | None = None,
     gram: np.ndarray | None = None,
     encoder: EncoderConfig = EncoderConfig(),
-    factor: np.ndarray | None = None,
+    factor: np.ndarray | torch.Tensor | None = None,
 ) -> np.ndarray:
     """The bytes of one planned tensor, encoded a slab of rows at a time.
 
@@ -147,6 +170,8 @@ def encode_tensor(
         factor = feedback_factor(gram)
     rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
     out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
+    if isinstance(factor, torch.Tensor):  # on a GPU: libggml's first encoding here, the rest there
+        return _encode_on_device(target, rows, importance, factor).reshape(codec.byte_shape(tuple(t.shape)))
     # error feedback loops over columns in Python: bigger slabs, fewer steps
     step = max(1, (CHUNK_VALUES * (4 if factor is not None else 1)) // rows.shape[1])
 
@@ -162,3 +187,29 @@ def encode_tensor(
         for start in starts:
             slab(start)
     return out.reshape(codec.byte_shape(tuple(t.shape)))
+
+
+def _encode_on_device(
+    target: Target, rows: torch.Tensor, importance: np.ndarray | None, factor: torch.Tensor
+) -> np.ndarray:
+    """`encode_tensor` with a GPU's feedback factor: the first encoding in slabs on the CPU (libggml
+    or NumPy), its refinement (K-quants) and the error feedback on the factor's device, whole."""
+    codec, enc = target.codec_class(), target.encoder
+    plain = Target(target.codec, target.group, replace(enc, refine=False, feedback=False))
+    x = np.ascontiguousarray(rows.to(torch.float32).numpy())
+    data = np.empty(codec.byte_shape(x.shape), dtype=np.uint8)
+    step = max(1, CHUNK_VALUES // x.shape[1])
+
+    def slab(start: int) -> None:
+        data[start : start + step] = plain.encode(x[start : start + step], importance)
+
+    with ThreadPoolExecutor(ENCODE_THREADS) as pool:
+        list(pool.map(slab, range(0, x.shape[0], step)))
+    imp = importance if enc.weighted else None
+    if enc.refine and codec.array_api:  # the same bytes as on the CPU (`llmq.codecs.krefine`)
+        dev = factor.device
+        refined = codec.refine(torch.from_numpy(x).to(dev), imp, torch.from_numpy(data).to(dev))
+        data = refined.cpu().numpy().reshape(data.shape)
+    elif enc.refine:
+        data = codec.refine(x, imp, data).reshape(data.shape)
+    return encode_feedback(codec, x, factor, imp, refine=enc.refine, data=data)

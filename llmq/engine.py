@@ -319,7 +319,7 @@ def _layer(
     params = layer.state_dict()
     prefix = arch.layer_prefix.format(i=index)
     encoded: dict[str, Encoded] = {}
-    factors: dict[str, np.ndarray] = {}
+    factors: dict[str, np.ndarray | torch.Tensor] = {}
     items = []
     for p in plans:  # encode, hand to sinks
         t = params[p.source.removeprefix(prefix)].detach()
@@ -354,8 +354,12 @@ def _layer(
 
 
 def _factor(
-    job: Job, stats: dict[str, InputStats] | None, factors: dict[str, np.ndarray], name: str, target: Target
-) -> np.ndarray | None:
+    job: Job,
+    stats: dict[str, InputStats] | None,
+    factors: dict[str, np.ndarray | torch.Tensor],
+    name: str,
+    target: Target,
+) -> np.ndarray | torch.Tensor | None:
     """The error-feedback factor of linear ``name``'s input, factored once per input and layer."""
     reader = job.arch.reader_of(name)
     if not target.uses_feedback() or stats is None or reader not in stats:
@@ -364,7 +368,7 @@ def _factor(
         # the statistics after the search's folded scales (their sum: feedback is scale-free)
         st = stats[reader]
         gram, st.gram = st.gram, None  # type: ignore[assignment]  # its last use: factored in its memory
-        factors[reader] = feedback_factor(gram, overwrite=True)
+        factors[reader] = feedback_factor(gram, overwrite=True, on_device=True)  # a GPU's stays there
     return factors[reader]
 
 

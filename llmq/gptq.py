@@ -35,8 +35,8 @@ def flip_(a: torch.Tensor, step: int = 1024) -> torch.Tensor:
 
 
 def feedback_factor(
-    gram: np.ndarray | torch.Tensor, damp: float = DAMP, *, overwrite: bool = False
-) -> np.ndarray:
+    gram: np.ndarray | torch.Tensor, damp: float = DAMP, *, overwrite: bool = False, on_device: bool = False
+) -> np.ndarray | torch.Tensor:
     """Upper triangular ``U`` with ``U^T U = (H + damp * mean(diag H) * I)^-1``; dead columns get ``H_jj = 1``.
 
     GPTQ factors ``H^-1`` by Cholesky after inverting ``H``; the same ``U`` is the inverse of the
@@ -50,9 +50,11 @@ def feedback_factor(
         damp: dampening, relative to the mean of ``H``'s diagonal.
         overwrite: use a float32 torch ``gram`` as the factorization's scratch (it is destroyed):
             no copy of it, for a caller whose last use it is.
+        on_device: a ``gram`` on a GPU gives ``U`` there as a tensor (`encode_feedback` then runs
+            there too).
 
     Returns:
-        ``U`` ``(K, K)`` float32, on the CPU.
+        ``U`` ``(K, K)`` float32: NumPy, or a tensor on ``gram``'s GPU with ``on_device``.
     """
     h = torch.as_tensor(gram)
     if h.ndim != 2 or h.shape[0] != h.shape[1] or not bool(torch.isfinite(h).all()):
@@ -82,13 +84,13 @@ def feedback_factor(
         if a:  # U[:a, a:b] = -U[:a, :a] V[:a, a:b] U_jj, with U[:a, :a] already inverted
             u[:a, a:b] = -((u[:a, :a] @ u[:a, a:b]) @ ujj)
         u[a:b, a:b] = ujj
-    return u.cpu().numpy()
+    return u if on_device and u.device.type != "cpu" else u.cpu().numpy()
 
 
 def encode_feedback(
     codec: type[Codec],
     x: np.ndarray,
-    factor: np.ndarray,
+    factor: np.ndarray | torch.Tensor,
     importance: np.ndarray | None,
     *,
     refine: bool,
@@ -99,7 +101,9 @@ def encode_feedback(
     Args:
         codec: a type with ``supports_grid``.
         x: float32 weight rows in GGUF layout (input columns last).
-        factor: `feedback_factor` of the input's second moment ``(K, K)``.
+        factor: `feedback_factor` of the input's second moment ``(K, K)``; a tensor runs the
+            feedback with torch on its device (the same rounding rule, float32; codes can differ
+            from NumPy's where a value sits on a rounding boundary).
         importance: per-column importance for the first encoding (None: reference encoder).
         refine: refine that first encoding (`llmq.codecs.krefine`).
         data: that first encoding, if the caller has it (``codec.encode(x, importance, refine=refine)``).
@@ -118,6 +122,9 @@ def encode_feedback(
     step, offset, codes, lo, hi = codec.grid_blocks(data)
     step, offset = step.astype(np.float32).reshape(rows, k), offset.astype(np.float32).reshape(rows, k)
     live = step != 0  # a zero step decodes to the offset whatever the code: keep the encoder's
+    if isinstance(factor, torch.Tensor):
+        new = _feedback_torch(x, factor, step, offset, live, codes.astype(np.int32).reshape(rows, k), lo, hi)
+        return codec.with_codes(data, new.reshape(data.shape[0], -1)).reshape(codec.byte_shape(x.shape))
     w = x.astype(np.float32, copy=True)
     factor = np.asarray(factor, dtype=np.float32)
     out = codes.astype(np.int32).reshape(rows, k)
@@ -133,3 +140,36 @@ def encode_feedback(
             wb[:, j:] -= np.outer(err[:, j], u[j, j:])
         w[:, b:] -= err @ factor[a:b, b:]
     return codec.with_codes(data, out.reshape(data.shape[0], -1)).reshape(codec.byte_shape(x.shape))
+
+
+def _feedback_torch(
+    x: np.ndarray,
+    factor: torch.Tensor,
+    step: np.ndarray,
+    offset: np.ndarray,
+    live: np.ndarray,
+    codes: np.ndarray,
+    lo: int,
+    hi: int,
+) -> np.ndarray:
+    """`encode_feedback`'s column loop with torch on ``factor``'s device: the new codes ``(rows, K)``."""
+    dev, k = factor.device, x.shape[1]
+    w = torch.from_numpy(x).to(dev, torch.float32)
+    step_t, offset_t = torch.from_numpy(step).to(dev), torch.from_numpy(offset).to(dev)
+    live_t, out = torch.from_numpy(live).to(dev), torch.from_numpy(codes).to(dev, torch.float32)
+    u = factor.to(torch.float32)
+    for a in range(0, k, BLOCK):
+        b = min(a + BLOCK, k)
+        wb, err = w[:, a:b].clone(), torch.zeros((x.shape[0], b - a), dtype=torch.float32, device=dev)
+        diag = u[a:b, a:b]
+        for j in range(b - a):
+            col, s, o = wb[:, j], step_t[:, a + j], offset_t[:, a + j]
+            q = torch.where(live_t[:, a + j], torch.clamp(torch.round((col - o) / s), lo, hi), out[:, a + j])
+            out[:, a + j] = q
+            # float64 as NumPy's (its where() of float and int32 codes promotes)
+            err[:, j] = (
+                (col.double() - (s.double() * q.double() + o.double())) / diag[j, j].double()
+            ).float()
+            wb[:, j:] -= torch.outer(err[:, j], diag[j, j:])
+        w[:, b:] -= err @ u[a:b, b:]
+    return out.to(torch.int32).cpu().numpy()

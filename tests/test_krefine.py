@@ -12,7 +12,6 @@ import torch
 from tiny_models import convert_awq_pair
 
 from llmq.codecs import REGISTRY, Codec
-from llmq.errors import FormatError
 
 REFINED = sorted(
     n for n, c in REGISTRY.items() if c.refine_blocks.__func__ is not Codec.refine_blocks.__func__
@@ -61,8 +60,23 @@ def test_refinement_applies_only_where_a_type_has_it() -> None:
     for name in ("Q3_K", "Q8_0", "Q4_0"):
         codec = REGISTRY[name]
         np.testing.assert_array_equal(codec.encode(x, imp, refine=True), codec.encode(x, imp))
-    with pytest.raises(FormatError, match="Q5_K: refined encoding takes NumPy arrays"):
-        REGISTRY["Q5_K"].encode(torch.from_numpy(x), imp, refine=True)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("name", REFINED)
+def test_refinement_of_tensors_gives_the_numpy_bytes(name: str, device: str) -> None:
+    """Refinement runs on the tensor's device (a GPU's, in a `--device cuda` run): same choices, same bytes."""
+    codec = REGISTRY[name]
+    gen = np.random.default_rng(4)
+    x = np.concatenate([_grid_rows(24, 512, 5), gen.standard_normal((24, 512)).astype(np.float32)])
+    x[0, :256] = 0.0
+    imp = gen.uniform(0.01, 4.0, 512).astype(np.float32) ** 2
+    for importance in (imp, None):
+        want = codec.encode(x, importance, refine=True)
+        assert not np.array_equal(want, codec.encode(x, importance))  # the refinement moved something
+        got = codec.encode(torch.from_numpy(x).to(device), importance, refine=True)
+        assert isinstance(got, torch.Tensor) and got.device.type == device
+        np.testing.assert_array_equal(got.cpu().numpy(), want)
 
 
 def test_awq_refine_through_the_cli(tmp_path: Path) -> None:

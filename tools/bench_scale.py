@@ -104,6 +104,12 @@ def per_layer(out: str) -> float:
     return float(m.group(2))
 
 
+def phases(out: str) -> str:
+    """The run's time per phase (calibrate, search, encode, write), from its timing line."""
+    m = re.search(r"s\); (.*)$", out, re.M)
+    return m.group(1) if m else "?"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="quick,rtn8b,smollm2,awq8b,awq70b")
@@ -175,6 +181,7 @@ def main() -> int:
             f"awq8b: {layer:.1f} s per layer, {secs:.1f} s for 2 layers + embeddings ({rss:.2f} GiB); "
             f"32 layers ~ {32 * layer / 60:.1f} min (target <= 120 s per layer on CPU, <= 5 s on a GPU)"
         )
+        lines.append(f"  phases: {phases(out)}")
     if "awq70b" in rows:
         secs, rss, out = awq("70b")
         gpu = re.search(r"peak GPU memory ([0-9.]+) GiB", out)
@@ -182,6 +189,7 @@ def main() -> int:
             f"awq70b: one layer {per_layer(out):.1f} s, peak RSS {rss:.2f} GiB (target <= 16)"
             + (f", peak GPU memory {gpu.group(1)} GiB" if gpu else "")
         )
+        lines.append(f"  phases: {phases(out)}")
     print("\n".join(lines))
     return 0
 

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
 from .quants_math import importance_weights
-from .xp import Array, array_namespace, bitcast, is_torch_array, to_numpy
+from .xp import Array, array_namespace, bitcast, contiguous, device, is_torch_array, to_numpy
 
 REGISTRY: dict[str, type[Codec]] = {}
 
@@ -194,19 +194,28 @@ class Codec:
             w = cls.encoder_weights(x, to_numpy(importance))
             out = cls.encode_blocks_weighted(blocks, w.reshape(-1, cls.block_size))
         if refine:
-            if is_torch_array(x):
-                raise FormatError(f"{cls.name}: refined encoding takes NumPy arrays")
             out = cls.refine(x, importance, out)
         assert out.dtype == xp.uint8 and out.shape[-1] == cls.type_size, (cls.name, out.dtype, out.shape)
         return out.reshape(cls.byte_shape(x.shape))
 
     @classmethod
-    def refine(cls, x: np.ndarray, importance: np.ndarray | None, data: np.ndarray) -> np.ndarray:
-        """``data``, the encoding of ``x`` (NumPy), improved by `refine_blocks` under ``importance``."""
+    def refine(cls, x: Array, importance: Array | None, data: Array) -> Array:
+        """``data``, the encoding of ``x``, improved by `refine_blocks` under ``importance``.
+
+        NumPy arrays, or torch tensors on one device (for the K-quants, the same bytes there).
+        """
+        xp = array_namespace(x)
         k = x.shape[-1]
         blocks = x.reshape(-1, cls.block_size)
-        imp = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
-        metric = np.broadcast_to(imp, (blocks.size // k, k)).reshape(blocks.shape)
+        if importance is None:
+            imp = xp.ones(k, dtype=xp.float32, device=device(x))
+        elif is_torch_array(x):
+            imp = xp.asarray(importance, dtype=xp.float32, device=device(x))
+        else:
+            imp = np.asarray(to_numpy(importance), np.float32)
+        metric = contiguous(xp.broadcast_to(imp, (blocks.shape[0] * cls.block_size // k, k))).reshape(
+            blocks.shape
+        )
         return cls.refine_blocks(blocks, metric, data.reshape(-1, cls.type_size))
 
     @classmethod

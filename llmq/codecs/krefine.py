@@ -5,7 +5,8 @@ Q6_K) against the super-block's f16 ``d``/``dmin`` and re-rounds the codes once.
 near, not at, the best the 6-bit grid offers: here each sub-block tries its neighbouring scale
 (and min) codes, the values' codes re-rounded for each, and keeps a candidate only when the
 weighted squared error of that sub-block falls. ``d``/``dmin`` stay as encoded, so the result is
-never worse than the input, block by block. NumPy only.
+never worse than the input, block by block. NumPy arrays or torch tensors (CPU or CUDA): errors
+are float32 sums taken one term at a time, so every backend makes the same choices (same bytes).
 """
 
 from __future__ import annotations
@@ -15,96 +16,105 @@ from collections.abc import Callable
 import numpy as np
 
 from .kquants_math import f16_value, pack_scale_min_k4, requantize, unpack_scale_min_k4
+from .quants_math import seq_sum
+from .xp import Array, array_namespace, bitcast, const, contiguous, device
 
 PASSES = 3  # sweeps over the neighbours; a fourth changes almost nothing on SmolLM2's ffn_down
 
 
 def _search(
-    error: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    sc: np.ndarray,
-    mn: np.ndarray,
+    error: Callable[[Array, Array], Array],
+    sc: Array,
+    mn: Array,
     steps: list[tuple[int, int]],
     lo: int,
     hi: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[Array, Array]:
     """Greedy per-sub-block descent over (scale, min) code steps, clamped to ``[lo, hi]``."""
+    xp = array_namespace(sc)
     best = error(sc, mn)
     for _ in range(PASSES):
         moved = False
         for ds, dm in steps:
-            s2, m2 = np.clip(sc + ds, lo, hi), np.clip(mn + dm, 0, 63)
+            s2, m2 = xp.clip(sc + ds, lo, hi), xp.clip(mn + dm, 0, 63)
             e = error(s2, m2)
             better = e < best
-            if better.any():
+            if bool(xp.any(better)):
                 moved = True
-                sc, mn, best = np.where(better, s2, sc), np.where(better, m2, mn), np.where(better, e, best)
+                sc, mn, best = xp.where(better, s2, sc), xp.where(better, m2, mn), xp.where(better, e, best)
         if not moved:
             break
     return sc, mn
 
 
-def refine_k4(
-    blocks: np.ndarray, weights: np.ndarray, data: np.ndarray, nmax: int, pack: Callable[..., np.ndarray]
-) -> np.ndarray:
+def _weighted_error(w: Array, x: Array, y: Array) -> Array:
+    """``sum(w * (x - y)^2)`` over the last axis, one term at a time in float32: the same bits everywhere."""
+    xp = array_namespace(x)
+    t = w * (x - y) ** 2
+    return seq_sum(contiguous(xp.moveaxis(t, -1, 0)))
+
+
+def refine_k4(blocks: Array, weights: Array, data: Array, nmax: int, pack: Callable[..., Array]) -> Array:
     """Q4_K/Q5_K bytes ``data`` of ``blocks`` ``(n, 256)`` with better 6-bit scales and mins.
 
     ``weights`` ``(n, 256)`` weigh the squared error; ``pack(header, codes)`` is the type's packer.
     """
+    xp = array_namespace(blocks)
     n = blocks.shape[0]
     d, dmin = f16_value(data[:, 0:2]), f16_value(data[:, 2:4])  # (n, 1)
-    sc, mn = (v.astype(np.int32) for v in unpack_scale_min_k4(data[:, 4:16]))
+    sc, mn = (xp.astype(v, xp.int32) for v in unpack_scale_min_k4(data[:, 4:16]))
     x, w = blocks.reshape(n, 8, 32), weights.reshape(n, 8, 32)
-    unset = np.zeros(x.shape, np.uint8)  # a zero scale decodes to -ml whatever the code
+    unset = xp.zeros(
+        x.shape, dtype=xp.uint8, device=device(x)
+    )  # a zero scale decodes to -ml whatever the code
 
-    def codes(s: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def codes(s: Array, m: Array) -> tuple[Array, Array]:
         # the values' codes re-rounded as the encoder's last pass does, and what they decode to
-        dl, ml = d * s.astype(np.float32), dmin * m.astype(np.float32)
+        dl, ml = d * xp.astype(s, xp.float32), dmin * xp.astype(m, xp.float32)
         q = requantize(x, unset, dl, ml, 0, nmax)
-        return q, dl[..., None] * q - ml[..., None]
+        return q, dl[..., None] * xp.astype(q, xp.float32) - ml[..., None]
 
-    def error(s: np.ndarray, m: np.ndarray) -> np.ndarray:
-        return (w * (x - codes(s, m)[1]) ** 2).sum(-1)
+    def error(s: Array, m: Array) -> Array:
+        return _weighted_error(w, x, codes(s, m)[1])
 
     steps = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
     sc, mn = _search(error, sc, mn, steps, 0, 63)
     q = codes(sc, mn)[0].reshape(n, 256)
-    header = np.concatenate(
-        [data[:, :4], pack_scale_min_k4(sc.astype(np.uint8), mn.astype(np.uint8))], axis=1
+    header = xp.concat(
+        [data[:, :4], pack_scale_min_k4(xp.astype(sc, xp.uint8), xp.astype(mn, xp.uint8))], axis=1
     )
     return pack(header, q)
 
 
-def refine_q6(
-    blocks: np.ndarray, weights: np.ndarray, data: np.ndarray, pack: Callable[..., np.ndarray]
-) -> np.ndarray:
+def refine_q6(blocks: Array, weights: Array, data: Array, pack: Callable[..., Array]) -> Array:
     """Q6_K bytes ``data`` of ``blocks`` with better int8 sub-block scales (16 of 16 values each).
 
     ``pack(codes, sc, d_bytes)`` is Q6_K's packer (codes 0..63); all-zero super-blocks stay zero.
     """
+    xp = array_namespace(blocks)
     n = blocks.shape[0]
     d = f16_value(data[:, 208:210])  # (n, 1)
-    sc = q6_scales(data).astype(np.int32)
+    sc = xp.astype(q6_scales(data), xp.int32)
     x, w = blocks.reshape(n, 16, 16), weights.reshape(n, 16, 16)
-    unset = np.full(x.shape, 32, np.uint8)
+    unset = xp.full(x.shape, 32, dtype=xp.uint8, device=device(x))
 
-    def codes(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dl = d * s.astype(np.float32)
+    def codes(s: Array) -> tuple[Array, Array]:
+        dl = d * xp.astype(s, xp.float32)
         q = requantize(x, unset, dl, None, -32, 31)  # 0..63, stored as q + 32
-        return q, dl[..., None] * (q.astype(np.float32) - 32)
+        return q, dl[..., None] * (xp.astype(q, xp.float32) - const(xp, 32, dl))
 
-    def error(s: np.ndarray, _m: np.ndarray) -> np.ndarray:
-        return (w * (x - codes(s)[1]) ** 2).sum(-1)
+    def error(s: Array, _m: Array) -> Array:
+        return _weighted_error(w, x, codes(s)[1])
 
-    zero = np.zeros_like(sc)
-    sc, _ = _search(error, sc, zero, [(-2, 0), (-1, 0), (1, 0), (2, 0)], -128, 127)
+    sc, _ = _search(error, sc, xp.zeros_like(sc), [(-2, 0), (-1, 0), (1, 0), (2, 0)], -128, 127)
     q = codes(sc)[0].reshape(n, 256)
-    out = pack(q, sc.astype(np.int8), np.ascontiguousarray(data[:, 208:210]))
-    return np.where(d == 0, data, out)
+    out = pack(q, xp.astype(sc, xp.int8), contiguous(data[:, 208:210]))
+    return xp.where(d == 0, data, out)
 
 
-def q6_scales(data: np.ndarray) -> np.ndarray:
+def q6_scales(data: Array) -> Array:
     """Q6_K's 16 int8 sub-block scales ``(n, 16)``."""
-    return np.ascontiguousarray(data[:, 192:208]).view(np.int8)
+    return bitcast(contiguous(data[:, 192:208]), "int8")
 
 
 def grid_k4(data: np.ndarray, codes: np.ndarray, nmax: int):
