@@ -42,7 +42,18 @@ def make_tokenizer(out: Path, vocab_size: int = 320) -> int:
     return tok.get_vocab_size()
 
 
-def make_tiny_llama(
+# model_type -> (config class, causal-LM class, config settings that give the family its structure)
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases are the class's own
+    # heads of 32 where hidden / heads is 64 or 32: a head_dim of its own, as in the real Qwen3s
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+}
+
+
+def make_tiny(
+    family: str,
     out: Path,
     *,
     n_layers: int = 2,
@@ -57,16 +68,17 @@ def make_tiny_llama(
     rope_scaling: dict | None = None,
     outliers: float = 0.0,
 ) -> Path:
-    """Save a random `LlamaForCausalLM` checkpoint (safetensors, optionally sharded) with a tokenizer.
+    """Save a random checkpoint of ``family`` (`FAMILIES`; safetensors, optionally sharded) with a tokenizer.
 
     ``outliers`` > 0 multiplies a few channels of every norm by that factor, giving the activation
     outlier channels real LLMs have (what AWQ's scales are for).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    config_cls, model_cls, extra = FAMILIES[family]
     vocab = make_tokenizer(out)
     kwargs = {} if rope_scaling is None else {"rope_scaling": rope_scaling}
-    config = LlamaConfig(
+    config = getattr(transformers, config_cls)(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -77,13 +89,16 @@ def make_tiny_llama(
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
+        **extra,
         **kwargs,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = getattr(transformers, model_cls)(config)
     with torch.no_grad():  # norms away from 1 so their handling is visible in outputs
-        for p in model.parameters():
-            if p.ndim == 1:
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.05 * torch.randn_like(p))
@@ -92,12 +107,17 @@ def make_tiny_llama(
                 : max(1, hidden // 32)
             ]
             for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
                     p[channels] *= outliers
     model = model.to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
     return out
+
+
+def make_tiny_llama(out: Path, **kwargs) -> Path:
+    """`make_tiny` of a `LlamaForCausalLM`."""
+    return make_tiny("llama", out, **kwargs)
 
 
 def logit_kl(model_dir: Path, gguf_path: Path, tokens: torch.Tensor) -> float:

@@ -1,0 +1,113 @@
+"""Every registered architecture, against llama.cpp and transformers (tiny random checkpoints).
+
+For each family in `llmq.arch.registered()` (and `tiny_models.FAMILIES`, which must cover them):
+- llama.cpp running llmq's F32 file computes transformers' logits;
+- llama.cpp's own quantizer, given llmq's F16 file, writes llmq's round-to-nearest Q4_0 and Q4_K_M
+  (tensor types and bytes);
+- the default AWQ recipe runs through the family's layers and lowers llama.cpp's KL to the FP model
+  against round to nearest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tiny_models import FAMILIES, make_tiny
+
+import llmq
+from llmq.arch import registered
+from llmq.eval.llamacpp import quantize_with_llama_cpp
+
+TOKENS = [1, 40, 77, 120, 5, 230, 64, 99, 150, 11, 3, 200, 31, 17, 250, 8]
+
+
+def test_every_architecture_has_a_tiny_model() -> None:
+    assert sorted(FAMILIES) == sorted(registered())
+
+
+def _hf_logits(model: Path, tokens: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0].numpy()
+
+
+def _llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, n_threads_batch=1)
+    llm.eval(tokens)
+    out = np.asarray(llm.scores[: len(tokens)]).copy()
+    llm.close()
+    return out
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    a = torch.log_softmax(torch.from_numpy(ref).double(), -1)
+    b = torch.log_softmax(torch.from_numpy(got).double(), -1)
+    return float((a.exp() * (a - b)).sum(-1).mean())
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    r = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, np.array(t.data).view(np.uint8).reshape(-1)) for t in r.tensors}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A tiny untied checkpoint of each family, rows of 256 (every K type applies), 4 heads of 64."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    return name, make_tiny(name, root / "m", hidden=256, intermediate=512, heads=4, kv_heads=2, tie=False)
+
+
+def test_llama_cpp_logits_equal_transformers_logits(family: tuple[str, Path], tmp_path: Path) -> None:
+    name, model = family
+    out = tmp_path / "f32.gguf"
+    llmq.convert(model, out, llmq.QuantConfig(method="rtn", quant="F32"), progress=False, write_card=False)
+    reader = gguf.GGUFReader(out)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    assert arch == registered()[name].gguf_arch_name
+    if name == "qwen3":  # head_dim 32, hidden / heads 64: llama.cpp must be told the head sizes
+        assert int(reader.fields["qwen3.attention.key_length"].parts[-1][0]) == 32
+    ref, got = _hf_logits(model, TOKENS), _llama_cpp_logits(out, TOKENS)
+    np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_K_M"])
+def test_llama_quantize_of_our_f16_is_our_rtn(family: tuple[str, Path], tmp_path: Path, quant: str) -> None:
+    _, model = family
+    kw = {"progress": False, "write_card": False}
+    f16 = llmq.convert(model, tmp_path / "f16.gguf", llmq.QuantConfig(quant="F16"), **kw)
+    ours = llmq.convert(model, tmp_path / "q.gguf", llmq.QuantConfig(quant=quant, method="rtn"), **kw)
+    ref = _tensors(quantize_with_llama_cpp(f16.path, tmp_path / "ref.gguf", quant))
+    mine = _tensors(ours.path)
+    assert sorted(mine) == sorted(ref)
+    for tensor, (typ, data) in mine.items():
+        if quant == "Q4_0" and not tensor.startswith("blk."):
+            continue  # llmq's plain types keep embeddings and output at Q8_0; the mix follows llama.cpp
+        assert typ == ref[tensor][0], (tensor, typ, ref[tensor][0])
+        assert np.array_equal(data, ref[tensor][1]), f"{tensor} ({typ}): bytes differ from llama.cpp"
+
+
+def test_awq_beats_rtn_in_llama_cpp(family: tuple[str, Path], tmp_path: Path) -> None:
+    name, _ = family
+    # no grouped-query attention, so the v -> o group (and a Qwen2 v bias) is scaled too; outlier channels
+    model = make_tiny(name, tmp_path / "m", hidden=256, intermediate=512, heads=4, kv_heads=4, tie=False,
+                      dtype=torch.float32, outliers=8.0)  # fmt: skip
+    calib = llmq.CalibConfig("builtin", n_samples=8, seqlen=64)
+    kw = {"progress": False, "write_card": False}
+    awq = llmq.convert(model, tmp_path / "awq.gguf", llmq.QuantConfig(quant="Q4_0"), calib=calib, **kw)
+    rtn = llmq.convert(model, tmp_path / "rtn.gguf", llmq.QuantConfig(quant="Q4_0", method="rtn"), **kw)
+    groups = [g for r in awq.reports for g in r.details["scales"] if "alpha" in g]
+    assert len(groups) == 2 * 4 and any(g["alpha"] for g in groups)  # every group searched, some scaled
+    tokens = list(range(3, 250, 5))
+    ref = _hf_logits(model, tokens)
+    kl_awq, kl_rtn = (_kl(ref, _llama_cpp_logits(p, tokens)) for p in (awq.path, rtn.path))
+    assert kl_awq < 0.9 * kl_rtn, (name, kl_awq, kl_rtn)
