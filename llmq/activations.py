@@ -7,6 +7,7 @@ holds one mini-batch however many samples are asked for.
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -104,6 +105,10 @@ class LayerRunner:
         rotary = arch.rotary_class()
         self.device = torch.device(device)
         self.rotary = rotary(config).to(self.device) if rotary is not None else None
+        # one rotary module for several layer types (Gemma 3: local and global bases) takes the type
+        self.typed_rotary = (
+            self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
+        )
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Output of ``layer`` (already on the runner's device) for hidden states ``x`` ``(batch, seqlen, hidden)``.
@@ -113,15 +118,26 @@ class LayerRunner:
         x = x.to(self.device)
         batch, seqlen, _ = x.shape
         positions = torch.arange(seqlen, device=self.device).unsqueeze(0).expand(batch, -1)
-        # an explicit additive causal mask: correct under every attention backend
-        mask = torch.full((seqlen, seqlen), float("-inf"), device=self.device).triu(1)[None, None]
-        mask = mask.expand(batch, 1, -1, -1)
-        kwargs: dict[str, Any] = {"attention_mask": mask.to(x.dtype), "position_ids": positions}
-        if self.rotary is not None:
+        attn = getattr(layer, "self_attn", None)
+        kwargs: dict[str, Any] = {"attention_mask": self.mask(seqlen, getattr(attn, "sliding_window", None))}
+        kwargs["attention_mask"] = kwargs["attention_mask"].expand(batch, 1, -1, -1).to(x.dtype)
+        kwargs["position_ids"] = positions
+        if self.typed_rotary:
+            kwargs["position_embeddings"] = self.rotary(x, positions, getattr(attn, "layer_type", None))
+        elif self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(x, positions)
         with torch.no_grad(), matmul_precision(CPU_MATMUL if self.device.type == "cpu" else None):
             out = layer(x, **kwargs)  # the capture hooks' Gram products run inside, at the same precision
         return (out[0] if isinstance(out, tuple) else out).cpu()
+
+    def mask(self, seqlen: int, window: int | None = None) -> torch.Tensor:
+        """An explicit additive causal mask ``(1, 1, seqlen, seqlen)`` (correct under every attention
+        backend); a sliding-window layer also masks keys ``window`` or more positions back."""
+        i = torch.arange(seqlen, device=self.device)
+        hidden = i[None, :] > i[:, None]
+        if window is not None and window < seqlen:
+            hidden |= i[:, None] - i[None, :] >= window
+        return torch.zeros(seqlen, seqlen, device=self.device).masked_fill(hidden, float("-inf"))[None, None]
 
 
 # float32 products on the CPU through oneDNN's split-bf16 path: twice the speed of plain float32 on
@@ -141,9 +157,11 @@ def matmul_precision(precision: str | None) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
-def embed(tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-    """Input of the first decoder layer: embedding rows of ``tokens``, in float32."""
-    return embedding[tokens].to(torch.float32)
+def embed(tokens: torch.Tensor, embedding: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Input of the first decoder layer: embedding rows of ``tokens`` in float32, times ``scale``
+    (`ArchSpec.embed_multiplier`: Gemma's sqrt(hidden))."""
+    x = embedding[tokens].to(torch.float32)
+    return x * scale if scale != 1.0 else x
 
 
 class InputStats:
@@ -270,8 +288,9 @@ class CalibrationFlow:
         self.store = ActivationStore(
             n, seqlen, embedding.shape[1], batch_size=batch_size, directory=directory
         )
+        scale = arch.embed_multiplier(config)
         for i in range(len(self.store)):
-            self.store.write(i, embed(tokens[i * batch_size : (i + 1) * batch_size], embedding))
+            self.store.write(i, embed(tokens[i * batch_size : (i + 1) * batch_size], embedding, scale))
         self.runner = LayerRunner(config, arch, device)
 
     @classmethod

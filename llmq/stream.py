@@ -41,7 +41,9 @@ class LayerStream:
         self.n_layers = int(getattr(ckpt.config, arch.n_layers_key))
         self._cls = arch.layer_class()
         if getattr(ckpt.config, "_attn_implementation", None) is None:
-            ckpt.config._attn_implementation = "sdpa"  # modules built directly need an attention backend
+            # modules built directly need an attention backend; sdpa has no logit soft-cap (Gemma 2)
+            capped = getattr(ckpt.config, "attn_logit_softcapping", None) is not None
+            ckpt.config._attn_implementation = "eager" if capped else "sdpa"
 
     def layer_sources(self, i: int) -> dict[str, str]:
         """Map parameter name within layer ``i`` -> checkpoint tensor name."""

@@ -49,6 +49,25 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases are the class's own
     # heads of 32 where hidden / heads is 64 or 32: a head_dim of its own, as in the real Qwen3s
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    # llama.cpp scales queries by 1/sqrt(head_dim) for these sizes: query_pre_attn_scalar says so;
+    # Gemmas always tie their embeddings (llama.cpp's gemma archs have no output tensor)
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 8, "tie_word_embeddings": True},
+    ),
+    # six layers: five local (rope base 10000), one global, llama.cpp's fixed pattern
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 64,
+            "query_pre_attn_scalar": 64,
+            "sliding_window": 8,
+            "num_hidden_layers": 6,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 
 
@@ -78,20 +97,21 @@ def make_tiny(
     config_cls, model_cls, extra = FAMILIES[family]
     vocab = make_tokenizer(out)
     kwargs = {} if rope_scaling is None else {"rope_scaling": rope_scaling}
-    config = getattr(transformers, config_cls)(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
+    settings = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": tie,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         **extra,
         **kwargs,
-    )
+    }
+    config = getattr(transformers, config_cls)(**settings)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():  # norms away from 1 so their handling is visible in outputs

@@ -9,6 +9,7 @@ one small file declaring an `ArchSpec` and calling `register`.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,10 +38,6 @@ class ScaleGroup:
     needs_same_shape: bool = False
 
 
-# hyper-parameter key of the GGUF arch namespace -> function of the HF config returning its value
-MetadataFn = Callable[[Any], Any]
-
-
 @dataclass(frozen=True)
 class ArchSpec:
     """Everything llmq knows about one decoder-only architecture."""
@@ -59,6 +56,10 @@ class ArchSpec:
     rope_permute: Mapping[str, str] = field(default_factory=dict)
     # Added to every norm weight when written (Gemma stores w and computes x * (1 + w)).
     norm_offset: float = 0.0
+    # The model multiplies its embeddings by sqrt(hidden) (Gemma): calibration inputs are scaled too.
+    embed_scale: bool = False
+    # Family-specific GGUF keys beyond the Llama-style ones: f(gguf.GGUFWriter, transformers config).
+    metadata: Callable[[Any, Any], None] | None = None
     scale_groups: tuple[ScaleGroup, ...] = ()
     # Linears the clip search skips (rotary Q/K, as the AWQ reference implementation does).
     no_clip: tuple[str, ...] = ()
@@ -72,6 +73,10 @@ class ArchSpec:
 
     def rotary_class(self) -> type | None:
         return _import(self.rotary) if self.rotary else None
+
+    def embed_multiplier(self, config: Any) -> float:
+        """What the model multiplies its token embeddings by before the first layer."""
+        return math.sqrt(config.hidden_size) if self.embed_scale else 1.0
 
     @property
     def capture_modules(self) -> list[str]:

@@ -11,6 +11,8 @@ import numpy as np
 def rope_parameters(config: Any) -> dict[str, Any]:
     """Rope settings across transformers versions (``rope_parameters`` in 5.x, ``rope_scaling`` before)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers'
+        params = dict(params["full_attention"])
     scaling = getattr(config, "rope_scaling", None) or {}
     for k, v in scaling.items():
         params.setdefault(k, v)

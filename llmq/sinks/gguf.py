@@ -76,6 +76,8 @@ class GGUFSink(SinkBase):
             codec_name=job.cfg.file_type_name,
         )  # fmt: skip
         add_hparams(w.gguf, job.ckpt.config, job.n_layers)
+        if job.arch.metadata is not None:  # the family's own keys
+            job.arch.metadata(w.gguf, job.ckpt.config)
         add_tokenizer(w.gguf, job.model_dir)
         awq = job.awq if job.search.needs_activations else None
         add_search_metadata(w, job.cfg, awq, job.encoder, job.calibration)
