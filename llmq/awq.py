@@ -160,7 +160,8 @@ class AWQSearch:
             if not cfg.scale:
                 continue
             prev = layer.get_submodule(group.prev)
-            if skips_scaling(group, prev, linears):
+            rows = group.prev_rows(layer) if group.prev_rows is not None else None
+            if skips_scaling(group, prev, linears, rows):
                 scale_info.append(
                     {"prev": group.prev, "skipped": "output width differs (grouped-query attention)"}
                 )
@@ -168,7 +169,8 @@ class AWQSearch:
             s, info = self._search_scales(group, linears, st, targets)
             scale_info.append(info)
             if s is not None:
-                fold_scales(prev, linears, s, norm_offset=arch.norm_offset if _is_norm(prev) else 0.0)
+                offset = arch.norm_offset if _is_norm(prev) else 0.0
+                fold_scales(prev, linears, s, norm_offset=offset, rows=rows)
                 st.divide(s)
         report.details["scales"] = scale_info
         clip_info = {}
@@ -221,9 +223,13 @@ def candidate_scales(
     return alphas, [_scales(st.mean_abs, w_mean, a, cfg.duo_scaling) for a in alphas]
 
 
-def skips_scaling(group: ScaleGroup, prev: nn.Module, linears: list[nn.Module]) -> bool:
-    """Whether ``prev``'s outputs cannot take the group's scales (v -> o under grouped-query attention)."""
-    return group.needs_same_shape and prev.weight.shape[0] != linears[0].weight.shape[1]
+def skips_scaling(
+    group: ScaleGroup, prev: nn.Module, linears: list[nn.Module], rows: tuple[int, int] | None = None
+) -> bool:
+    """Whether ``prev``'s outputs (its ``rows``, if fused) cannot take the group's scales (v -> o under
+    grouped-query attention)."""
+    width = prev.weight.shape[0] if rows is None else rows[1] - rows[0]
+    return group.needs_same_shape and width != linears[0].weight.shape[1]
 
 
 def scale_losses(
@@ -289,18 +295,25 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def fold_scales(
-    prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, *, norm_offset: float = 0.0
+    prev: nn.Module,
+    linears: list[nn.Module],
+    s: torch.Tensor,
+    *,
+    norm_offset: float = 0.0,
+    rows: tuple[int, int] | None = None,
 ) -> None:
     """Divide ``prev``'s output channels by ``s`` and multiply the ``linears``' input columns by it.
 
     ``prev`` is a norm (weight ``(C,)``, applied as ``x * (norm_offset + w)``) or a linear
-    (rows ``(C, K)``, and bias). The composed function is unchanged in exact arithmetic.
+    (rows ``(C, K)``, and bias), or the ``rows`` of a fused linear's output that the linears read.
+    The composed function is unchanged in exact arithmetic.
     """
     with torch.no_grad():
         if isinstance(prev, nn.Linear):
-            prev.weight.div_(s[:, None])
+            a, b = rows if rows is not None else (0, prev.weight.shape[0])
+            prev.weight[a:b].div_(s[:, None])
             if prev.bias is not None:
-                prev.bias.div_(s)
+                prev.bias[a:b].div_(s)
         else:
             prev.weight.copy_((prev.weight + norm_offset) / s - norm_offset)
             if getattr(prev, "bias", None) is not None:

@@ -95,7 +95,6 @@ MIXES: dict[str, Mix] = {
                 Rule("ffn_down", "Q5_K", "first_sixteenth"),
                 Rule("ffn_down", "Q4_K"),
                 Rule("attn_output", "Q4_K"),
-                Rule("attn_qkv", "Q4_K"),
             ),
         ),
         Mix(
@@ -106,7 +105,6 @@ MIXES: dict[str, Mix] = {
                 Rule("attn_v", "Q5_K"),
                 Rule("ffn_down", "Q5_K"),
                 Rule("attn_output", "Q5_K"),
-                Rule("attn_qkv", "Q4_K"),
             ),
         ),
         Mix(
@@ -122,7 +120,6 @@ MIXES: dict[str, Mix] = {
             (
                 Rule("attn_v", "Q6_K", "more_bits"),
                 Rule("ffn_down", "Q6_K", "more_bits"),
-                Rule("attn_qkv", "Q5_K"),
             ),
         ),
         Mix("Q5_K_S", "Q5_K", _F.MOSTLY_Q5_K_S),
@@ -133,17 +130,19 @@ MIXES: dict[str, Mix] = {
             (
                 Rule("attn_v", "Q6_K", "more_bits"),
                 Rule("ffn_down", "Q6_K", "more_bits"),
-                Rule("attn_qkv", "Q6_K"),
             ),
         ),
         Mix("Q6_K", "Q6_K", _F.MOSTLY_Q6_K),
     )
 }
 
-# llama.cpp's `tensor_get_category`: (substring of the GGUF name, category), first match wins
+# llama.cpp's `tensor_get_category`: (substring of the GGUF name, category), first match wins. A fused
+# attn_qkv (Phi-3) and attn_kv_b are "attn_v-like" (`category_is_attn_v`): they take attn_v's rules
+# and count among the attn_v tensors (`llama_tensor_get_type`; its separate attn_qkv branch after that
+# is never reached).
 _CATEGORIES = (
-    ("attn_qkv.weight", "attn_qkv"),
-    ("attn_kv_b.weight", "attn_qkv"),  # attn_v-like for the rules
+    ("attn_qkv.weight", "attn_v"),
+    ("attn_kv_b.weight", "attn_v"),
     ("attn_v.weight", "attn_v"),
     ("attn_k.weight", "attn_k"),
     ("attn_q.weight", "attn_q"),

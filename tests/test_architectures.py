@@ -146,3 +146,33 @@ def test_calibration_forwards_are_transformers(family: tuple[str, Path]) -> None
                 flow.store.read(0), want[i + 1], rtol=1e-4, atol=1e-4 * float(want[i + 1].abs().max())
             )
     flow.close()
+
+
+def test_every_scale_group_folds_without_changing_the_layer(family: tuple[str, Path]) -> None:
+    """The architecture data is right: each group's ``prev`` (a norm, a linear, or rows of a fused
+    one) feeds exactly its linears, so folding any scale into it leaves the layer's output as it was."""
+    from llmq.activations import LayerRunner
+    from llmq.arch import get_arch
+    from llmq.awq import _is_norm, fold_scales, skips_scaling
+    from llmq.source import Checkpoint
+    from llmq.stream import LayerStream
+
+    _, model = family
+    ckpt = Checkpoint(model)
+    arch = get_arch(ckpt.config)
+    runner = LayerRunner(ckpt.config, arch)
+    layer = LayerStream(ckpt, arch).load(0)
+    x = torch.randn(2, 12, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    before = runner(layer, x)
+    gen = torch.Generator().manual_seed(2)
+    folded = 0
+    for group in arch.scale_groups:
+        prev, linears = layer.get_submodule(group.prev), [layer.get_submodule(n) for n in group.linears]
+        rows = group.prev_rows(layer) if group.prev_rows is not None else None
+        if skips_scaling(group, prev, linears, rows):
+            continue
+        s = 0.5 + torch.rand(linears[0].weight.shape[1], generator=gen)
+        fold_scales(prev, linears, s, norm_offset=arch.norm_offset if _is_norm(prev) else 0.0, rows=rows)
+        folded += 1
+    assert folded >= 3  # v -> o is skipped under grouped-query attention (kv_heads 2 of 4)
+    torch.testing.assert_close(runner(layer, x), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))

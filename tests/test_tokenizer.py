@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +124,11 @@ def test_pre_cases_cover_table() -> None:
     assert {name for name, _ in PRE_TOKENIZERS} == set(PRE_CASES)
 
 
-def test_unknown_pre_tokenizer_is_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_pre_tokenizer_is_an_error(tmp_path: Path) -> None:
+    """Never a guessed pre-tokenizer: llama.cpp would split text differently from transformers."""
     _tiny_bpe(tmp_path / "m", pre_tokenizers.Whitespace())
-    with caplog.at_level(logging.WARNING, logger="llmq.writers.tokenizer"):
-        summary, fields = _write_gguf(tmp_path / "m", tmp_path / "tok.gguf")
-    assert summary.pre == fields["tokenizer.ggml.pre"] == "default"
-    assert "pre_tokenizer" in caplog.text
+    with pytest.raises(SourceError, match=r"unknown pre_tokenizer .*Whitespace.*; llmq maps gpt-2, smollm"):
+        _write_gguf(tmp_path / "m", tmp_path / "tok.gguf")
 
 
 def test_bpe_token_types_merges_and_padding(tmp_path: Path) -> None:

@@ -56,6 +56,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
         "Gemma2ForCausalLM",
         {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 8, "tie_word_embeddings": True},
     ),
+    # fused qkv_proj and gate_up_proj; no sliding window (llama.cpp then attends to everything)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None, "pad_token_id": 0}),
     # six layers: five local (rope base 10000), one global, llama.cpp's fixed pattern
     "gemma3_text": (
         "Gemma3TextConfig",

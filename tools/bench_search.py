@@ -75,7 +75,8 @@ def main() -> int:
             for group in job.arch.scale_groups:
                 linears = [layer.get_submodule(n) for n in group.linears]
                 prev = layer.get_submodule(group.prev)
-                if skips_scaling(group, prev, linears):
+                rows = group.prev_rows(layer) if group.prev_rows is not None else None
+                if skips_scaling(group, prev, linears, rows):
                     continue
                 st = stats[group.linears[0]]
                 ws = [m.weight.data for m in linears]

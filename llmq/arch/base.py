@@ -30,12 +30,15 @@ class ScaleGroup:
         loss_on: module whose output the search's loss is measured on.
         needs_same_shape: apply only when ``prev``'s output width equals the linears' input width
             (v -> o is skipped under grouped-query attention).
+        prev_rows: for a fused ``prev`` (Phi-3's ``qkv_proj``, ``gate_up_proj``), the rows
+            ``(start, stop)`` of its output that are the group's input, given the decoder layer.
     """
 
     prev: str
     linears: tuple[str, ...]
     loss_on: str
     needs_same_shape: bool = False
+    prev_rows: Callable[[Any], tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,14 @@ def head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
+def rope_dimensions(config: Any) -> int:
+    """Dimensions of each head that rotate (all, or ``partial_rotary_factor`` of them: Phi-4-mini)."""
+    factor = rope_parameters(config).get("partial_rotary_factor") or getattr(
+        config, "partial_rotary_factor", None
+    )
+    return int(head_dim(config) * float(factor or 1.0))
+
+
 def llama3_rope_factors(config: Any) -> np.ndarray:
     """Per-frequency divisors of Llama 3.1's rope scaling, stored as ``rope_freqs.weight``.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import gguf
 
-from ..arch.hparams import head_dim, rope_parameters
+from ..arch.hparams import head_dim, rope_dimensions, rope_parameters
 from ..codecs import REGISTRY
 from ..mixes import MIXES
 
@@ -37,7 +37,7 @@ def add_hparams(w: gguf.GGUFWriter, config: Any, n_layers: int) -> None:
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(int(config.vocab_size))
     dim = head_dim(config)
-    w.add_rope_dimension_count(dim)
+    w.add_rope_dimension_count(rope_dimensions(config))
     if dim != config.hidden_size // n_head:
         w.add_key_length(dim)
         w.add_value_length(dim)

@@ -57,7 +57,6 @@ PRE_TOKENIZERS: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
     ("llama-bpe", (_split(LLAMA3_REGEX), _BYTE_LEVEL_NO_REGEX)),
     ("qwen2", (_split(QWEN2_REGEX), _BYTE_LEVEL_NO_REGEX)),
 )
-DEFAULT_PRE = "default"
 
 # Values the `tokenizers` library assumes for keys that older tokenizer.json files leave out.
 _STEP_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -110,7 +109,10 @@ def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None) -> str:
         pre_tokenizer: the ``pre_tokenizer`` value of a tokenizer.json (None when absent).
 
     Returns:
-        The name from `PRE_TOKENIZERS`, or ``"default"`` (with a warning) when none matches.
+        The name from `PRE_TOKENIZERS`.
+
+    Raises:
+        SourceError: none matches (naming the pre-tokenizer and the ones llmq maps).
     """
     steps: list[Any] = []
     if isinstance(pre_tokenizer, dict):
@@ -119,13 +121,12 @@ def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None) -> str:
     for name, pattern in PRE_TOKENIZERS:
         if len(steps) == len(pattern) and all(map(_step_matches, steps, pattern)):
             return name
-    log.warning(
-        "unknown tokenizer.json pre_tokenizer %s; writing tokenizer.ggml.pre=%r, so llama.cpp may split "
-        "text differently from transformers",
-        json.dumps(pre_tokenizer)[:300],
-        DEFAULT_PRE,
+    # llama.cpp re-implements each split by name: a guessed name would tokenize text differently
+    # from transformers without a word (convert_hf_to_gguf.py refuses an unknown one too)
+    raise SourceError(
+        f"tokenizer.json: unknown pre_tokenizer {json.dumps(pre_tokenizer)[:300]}; llmq maps "
+        f"{', '.join(name for name, _ in PRE_TOKENIZERS)} to llama.cpp's pre-tokenizers"
     )
-    return DEFAULT_PRE
 
 
 def _added_tokens(model_dir: Path, tokenizer_json: dict[str, Any] | None) -> dict[int, tuple[str, bool]]:
