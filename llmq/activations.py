@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
+from .arch.base import Experts
 from .errors import LlmqError
 
 if TYPE_CHECKING:
@@ -226,6 +227,7 @@ def capture_inputs(
     *,
     write_outputs: bool,
     new_stats: StatsFactory = InputStats,
+    experts: Experts | None = None,
 ) -> dict[str, InputStats]:
     """Run every stored mini-batch through ``layer``, accumulating input statistics of ``modules``.
 
@@ -236,12 +238,17 @@ def capture_inputs(
         runner: runs the layer (mask, positions).
         write_outputs: replace each mini-batch by the layer's output (the next layer's input).
         new_stats: builds each module's `InputStats` from (channels, device).
+        experts: the layer's MoE block, whose statistics per expert are recorded too (`llmq.moe`).
 
     Returns:
         module name -> its `InputStats`.
     """
     stats: dict[str, InputStats] = {}
     hooks = []
+    if experts is not None:
+        from .moe import capture_hooks
+
+        stats, hooks = capture_hooks(layer, experts, runner.device, new_stats)
     for name in modules:
         module = layer.get_submodule(name)
         stats[name] = new_stats(module.weight.shape[1], runner.device)
@@ -292,6 +299,7 @@ class CalibrationFlow:
         for i in range(len(self.store)):
             self.store.write(i, embed(tokens[i * batch_size : (i + 1) * batch_size], embedding, scale))
         self.runner = LayerRunner(config, arch, device)
+        self.arch = arch
 
     @classmethod
     def from_checkpoint(
@@ -325,6 +333,7 @@ class CalibrationFlow:
             self.runner,
             write_outputs=write_outputs,
             new_stats=new_stats,
+            experts=self.arch.experts,
         )
         layer.to("cpu")  # the search and the codecs work on CPU tensors
         return stats

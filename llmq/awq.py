@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import moe
 from .activations import InputStats
 from .arch import ArchSpec, ScaleGroup
 from .clip import THREADS, clip_search, group_bounds, output_error
@@ -187,6 +188,11 @@ class AWQSearch:
                 clip_info[name] = info
         report.details["clip"] = clip_info
         report.importance = {name: st.mean_sq for group, st in groups for name in group.linears}
+        if arch.experts is not None:  # the MoE block's groups (`llmq.moe`)
+            report.details["experts"], importance = moe.search(
+                layer, stats, targets, arch, cfg, candidate_scales, scale_losses
+            )
+            report.importance.update(importance)
         return report
 
     def _search_scales(

@@ -160,6 +160,10 @@ def encode_tensor(
     Error feedback takes the input's second moment ``gram`` or its `feedback_factor` (computed once
     for linears that read the same input).
     """
+    if importance is not None and importance.ndim == 2:  # stacked experts, each with its own (E, K)
+        assert t.ndim == 3 and importance.shape == (t.shape[0], t.shape[-1]), (t.shape, importance.shape)
+        parts = [encode_tensor(plan, t[e], importance[e], gram, encoder, factor) for e in range(t.shape[0])]
+        return np.stack(parts)
     if plan.role != "linear":
         encoder = EncoderConfig(weighted=encoder.weighted)
     target = Target(plan.codec, plan.group, encoder)

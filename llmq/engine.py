@@ -317,6 +317,8 @@ def _layer(
     with prog.phase(what, "search"):
         report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
     params = layer.state_dict()
+    if arch.experts is not None:  # the stacked experts as GGUF holds them: gate, up, down
+        params.update(arch.experts.views(params))
     prefix = arch.layer_prefix.format(i=index)
     encoded: dict[str, Encoded] = {}
     factors: dict[str, np.ndarray | torch.Tensor] = {}
@@ -345,7 +347,8 @@ def _layer(
     if flow is not None and job.awq.inputs == "quant":  # next inputs from the layer as quantized
         with torch.no_grad(), prog.phase(what, "calibrate"):
             for name, item in encoded.items():
-                layer.get_submodule(name).weight.copy_(item.values())
+                if arch.experts is None or not arch.experts.assign(layer, name, item.values()):
+                    layer.get_submodule(name).weight.copy_(item.values())
             flow.advance(layer)
     if report.details:
         log.info("layer %d: %s", index, layer_line(report))

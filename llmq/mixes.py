@@ -7,7 +7,7 @@ the mix's rules for the tensor's category, then the shape fallback (`plan.FALLBA
 not split into the type's blocks. The output tensor (and a tied token embedding) gets Q6_K, or
 Q8_0 when its rows do not split into the mix's blocks.
 
-Not modeled: the rules for MoE (8-expert) and Falcon models, and the 70B-only attn_v bump.
+Not modeled: the rules for Falcon models and the 70B-only attn_v bump.
 
 Example:
     >>> [r for r in MIXES["Q4_K_M"].rules if r.category == "ffn_down"]
@@ -46,11 +46,13 @@ class Mix:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the rules look at: layer count, query heads per KV head, whether the embedding is tied."""
+    """What the rules look at: layer count, query heads per KV head, whether the embedding is tied,
+    experts per MoE layer (0 for none)."""
 
     n_layers: int
     n_gqa: int = 1
     tied: bool = False
+    n_expert: int = 0
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -67,9 +69,16 @@ WHEN: dict[str, Callable[[int, int, ModelShape], bool]] = {
     "first_2": lambda i, n, m: i < 2,
     "first_4": lambda i, n, m: i < 4,
     "gqa_ge_4": lambda i, n, m: m.n_gqa >= 4,
+    # llama-quantize's rules for 8-expert models (Mixtral)
+    "experts_8": lambda i, n, m: m.n_expert == 8,
+    "not_experts_8": lambda i, n, m: m.n_expert != 8,
 }
 
 _F = gguf.LlamaFileType
+# llama-quantize's rules for 8-expert models, ahead of each mix's own: attn_v and attn_k at Q8_0, and
+# attn_output at Q5_K for the mixes below Q5 (the non-expert attn_output rules do not apply then)
+_MOE8 = (Rule("attn_v", "Q8_0", "experts_8"), Rule("attn_k", "Q8_0", "experts_8"))
+_MOE8_OUT = (*_MOE8, Rule("attn_output", "Q5_K", "experts_8"))
 MIXES: dict[str, Mix] = {
     m.name: m
     for m in (
@@ -78,18 +87,20 @@ MIXES: dict[str, Mix] = {
             "Q2_K",
             _F.MOSTLY_Q2_K,
             (
+                *_MOE8_OUT,
                 Rule("attn_v", "Q4_K", "gqa_ge_4"),
                 Rule("attn_v", "Q3_K"),
                 Rule("ffn_down", "Q3_K"),
                 Rule("attn_output", "Q3_K"),
             ),
         ),
-        Mix("Q3_K_S", "Q3_K", _F.MOSTLY_Q3_K_S),
+        Mix("Q3_K_S", "Q3_K", _F.MOSTLY_Q3_K_S, _MOE8_OUT),
         Mix(
             "Q3_K_M",
             "Q3_K",
             _F.MOSTLY_Q3_K_M,
             (
+                *_MOE8_OUT,
                 Rule("attn_v", "Q5_K", "first_2"),
                 Rule("attn_v", "Q4_K"),
                 Rule("ffn_down", "Q5_K", "first_sixteenth"),
@@ -102,37 +113,40 @@ MIXES: dict[str, Mix] = {
             "Q3_K",
             _F.MOSTLY_Q3_K_L,
             (
+                *_MOE8,
                 Rule("attn_v", "Q5_K"),
                 Rule("ffn_down", "Q5_K"),
-                Rule("attn_output", "Q5_K"),
+                Rule("attn_output", "Q5_K", "not_experts_8"),
             ),
         ),
         Mix(
             "Q4_K_S",
             "Q4_K",
             _F.MOSTLY_Q4_K_S,
-            (Rule("attn_v", "Q5_K", "first_4"), Rule("ffn_down", "Q5_K", "first_eighth")),
+            (*_MOE8_OUT, Rule("attn_v", "Q5_K", "first_4"), Rule("ffn_down", "Q5_K", "first_eighth")),
         ),
         Mix(
             "Q4_K_M",
             "Q4_K",
             _F.MOSTLY_Q4_K_M,
             (
+                *_MOE8_OUT,
                 Rule("attn_v", "Q6_K", "more_bits"),
                 Rule("ffn_down", "Q6_K", "more_bits"),
             ),
         ),
-        Mix("Q5_K_S", "Q5_K", _F.MOSTLY_Q5_K_S),
+        Mix("Q5_K_S", "Q5_K", _F.MOSTLY_Q5_K_S, _MOE8),
         Mix(
             "Q5_K_M",
             "Q5_K",
             _F.MOSTLY_Q5_K_M,
             (
+                *_MOE8,
                 Rule("attn_v", "Q6_K", "more_bits"),
                 Rule("ffn_down", "Q6_K", "more_bits"),
             ),
         ),
-        Mix("Q6_K", "Q6_K", _F.MOSTLY_Q6_K),
+        Mix("Q6_K", "Q6_K", _F.MOSTLY_Q6_K, _MOE8),
     )
 }
 

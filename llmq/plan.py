@@ -14,7 +14,7 @@ from .arch.hparams import head_dim, rope_parameters
 from .codecs import REGISTRY, GroupCodec
 from .config import QuantConfig
 from .errors import SourceError
-from .mixes import ModelShape, mix_type, override
+from .mixes import ModelShape, category, mix_type, override
 from .source import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,11 @@ def _want(
         return want, REGISTRY[want].block_size
     if role != "linear":
         return cfg.embedding_codec_name, 32
+    codec = REGISTRY[cfg.codec_name]
+    # llama-quantize's 8-expert rule holds for every file type, not only the mixes
+    moe8 = model.n_expert == 8 and category(name) in ("attn_v", "attn_k")
+    if moe8 and not codec.is_float and cfg.group == codec.block_size:
+        return "Q8_0", REGISTRY["Q8_0"].block_size
     return cfg.codec_name, cfg.group
 
 
@@ -117,7 +122,8 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[Ten
     tied = bool(getattr(config, "tie_word_embeddings", False))
     n_head = int(config.num_attention_heads)
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    model = ModelShape(n_layers=n_layers, n_gqa=n_head // max(n_kv, 1), tied=tied)
+    n_expert = arch.experts.count(config) if arch.experts is not None else 0
+    model = ModelShape(n_layers=n_layers, n_gqa=n_head // max(n_kv, 1), tied=tied, n_expert=n_expert)
     for needed in (arch.embed, arch.final_norm) + (() if tied else (arch.lm_head,)):
         if needed not in ckpt:
             raise SourceError(f"{ckpt.path}: tensor {needed} is missing from the checkpoint")
@@ -146,8 +152,38 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[Ten
         sources = [s for s in ckpt.names() if s.startswith(prefix)]
         if not sources:
             raise SourceError(f"{ckpt.path}: decoder layer {i} ({prefix}*) has no tensors in the checkpoint")
+        if arch.experts is not None:  # experts are written stacked, not one by one
+            sources = [s for s in sources if not arch.experts.is_source(s.removeprefix(prefix))]
+            plans += _expert_plans(ckpt, arch, cfg, i, model)
         plans += [plan(s, i) for s in sorted(sources)]
     plans.append(plan(arch.final_norm, None))
     if not tied:
         plans.append(plan(arch.lm_head, None))
     return [p for p in plans if p is not None]
+
+
+def _expert_plans(
+    ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig, i: int, model: ModelShape
+) -> list[TensorPlan]:
+    """Layer ``i``'s MoE tensors as GGUF stacks them: the router (F32, never quantized, as
+    llama-quantize leaves ``ffn_gate_inp``) and ``ffn_{gate,up,down}_exps`` ``(E, rows, K)``."""
+    exp = arch.experts
+    assert exp is not None
+    prefix, n = arch.layer_prefix.format(i=i), exp.count(ckpt.config)
+    shapes = {}
+    for key, template in (("gate", exp.gate), ("up", exp.up), ("down", exp.down), ("router", exp.router)):
+        name = prefix + template.format(e=0)
+        if name not in ckpt:
+            raise SourceError(f"{ckpt.path}: tensor {name} is missing from the checkpoint ({n} experts)")
+        shapes[key] = tuple(ckpt.shape(name))
+    out = []
+    for suffix, source in exp.stacked().items():
+        name = f"blk.{i}.{suffix}"
+        if suffix == "ffn_gate_inp.weight":
+            out.append(TensorPlan(name, prefix + source, shapes["router"], "F32", 1, i, "router"))
+            continue
+        shape = (n, *shapes[suffix.split("_")[1]])
+        want, group = _want(cfg, name, "linear", i, shape, model)
+        codec, group, note = _choose(shape, want, group)
+        out.append(TensorPlan(name, prefix + source, shape, codec, group, i, "linear", note))
+    return out

@@ -7,7 +7,7 @@ parameters are assigned from the checkpoint; nothing of other layers is ever res
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate import init_empty_weights
@@ -44,6 +44,8 @@ class LayerStream:
             # modules built directly need an attention backend; sdpa has no logit soft-cap (Gemma 2)
             capped = getattr(ckpt.config, "attn_logit_softcapping", None) is not None
             ckpt.config._attn_implementation = "eager" if capped else "sdpa"
+        if arch.experts is not None and getattr(ckpt.config, "_experts_implementation", None) is None:
+            ckpt.config._experts_implementation = "eager"  # transformers' loop over the experts
 
     def layer_sources(self, i: int) -> dict[str, str]:
         """Map parameter name within layer ``i`` -> checkpoint tensor name."""
@@ -56,16 +58,18 @@ class LayerStream:
             layer = self._cls(self.ckpt.config, layer_idx=i)
         expected = set(layer.state_dict())
         sources = self.layer_sources(i)
-        missing = sorted(expected - set(sources))
+        stacked = self._experts(i)  # a MoE block's stacked parameters, built from its experts
+        missing = sorted(expected - set(sources) - set(stacked))
         if missing:
             raise SourceError(
                 f"{self.ckpt.path}: layer {i} lacks {', '.join(self.arch.layer_prefix.format(i=i) + m for m in missing)}"
             )
         for extra in sorted(set(sources) - expected):  # e.g. rotary inv_freq buffers of old checkpoints
-            log.debug("ignoring %s: not a parameter of %s", sources[extra], self._cls.__name__)
+            if self.arch.experts is None or not self.arch.experts.is_source(extra):
+                log.debug("ignoring %s: not a parameter of %s", sources[extra], self._cls.__name__)
         state = {}
         for name in expected:
-            t = self.ckpt.get(sources[name])
+            t = stacked[name]() if name in stacked else self.ckpt.get(sources[name])
             want = layer.state_dict()[name].shape
             if tuple(t.shape) != tuple(want):
                 raise SourceError(
@@ -75,6 +79,28 @@ class LayerStream:
             state[name] = t.to(self.dtype)
         layer.load_state_dict(state, assign=True, strict=True)
         return layer.eval()
+
+    def _experts(self, i: int) -> dict[str, Callable[[], torch.Tensor]]:
+        """Loaders of layer ``i``'s stacked MoE parameters (router, gate_up, down) from its experts."""
+        exp = self.arch.experts
+        if exp is None:
+            return {}
+        prefix, n = self.arch.layer_prefix.format(i=i), exp.count(self.ckpt.config)
+        router, gate_up, down = exp.layer_params()
+
+        def get(template: str, e: int) -> torch.Tensor:
+            name = prefix + template.format(e=e)
+            if name not in self.ckpt:
+                raise SourceError(
+                    f"{self.ckpt.path}: tensor {name} is missing from the checkpoint ({n} experts)"
+                )
+            return self.ckpt.get(name)
+
+        return {
+            router: lambda: get(exp.router, 0),
+            gate_up: lambda: torch.stack([torch.cat([get(exp.gate, e), get(exp.up, e)]) for e in range(n)]),
+            down: lambda: torch.stack([get(exp.down, e) for e in range(n)]),
+        }
 
     def __iter__(self) -> Iterator[tuple[int, nn.Module]]:
         for i in range(self.n_layers):

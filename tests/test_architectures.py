@@ -110,10 +110,15 @@ def test_awq_beats_rtn_in_llama_cpp(family: tuple[str, Path], tmp_path: Path) ->
     kw = {"progress": False, "write_card": False}
     awq = llmq.convert(model, tmp_path / "awq.gguf", llmq.QuantConfig(quant="Q4_0"), calib=calib, **kw)
     rtn = llmq.convert(model, tmp_path / "rtn.gguf", llmq.QuantConfig(quant="Q4_0", method="rtn"), **kw)
+    arch = registered()[name]
     groups = [g for r in awq.reports for g in r.details["scales"] if "alpha" in g]
-    assert len(groups) == 4 * len(awq.reports) and any(
-        g["alpha"] for g in groups
-    )  # all searched, some scaled
+    assert len(groups) == len(arch.scale_groups) * len(awq.reports)  # every group searched
+    assert any(g["alpha"] for g in groups)  # some scaled
+    if arch.experts is not None:  # the MoE block: routed tokens per expert, its norm group searched
+        for r in awq.reports:
+            moe = r.details["experts"]
+            assert sum(moe["tokens"]) == 8 * 64 * 2 and len(moe["tokens"]) == 8  # top-2 of 8 experts
+            assert moe["norm"]["loss_after"] <= moe["norm"]["loss_before"]
     tokens = list(range(3, 250, 5))
     ref = _hf_logits(model, tokens)
     kl_awq, kl_rtn = (_kl(ref, _llama_cpp_logits(p, tokens)) for p in (awq.path, rtn.path))
@@ -174,5 +179,14 @@ def test_every_scale_group_folds_without_changing_the_layer(family: tuple[str, P
         s = 0.5 + torch.rand(linears[0].weight.shape[1], generator=gen)
         fold_scales(prev, linears, s, norm_offset=arch.norm_offset if _is_norm(prev) else 0.0, rows=rows)
         folded += 1
-    assert folded >= 3  # v -> o is skipped under grouped-query attention (kv_heads 2 of 4)
+    assert folded == len(arch.scale_groups) - 1  # v -> o is skipped under grouped-query attention (2 of 4)
+    if arch.experts is not None:  # the MoE block's folds: norm -> router, gates, ups; each up -> down
+        from llmq.moe import fold_block, fold_expert
+
+        fold_block(
+            layer, arch.experts, 0.5 + torch.rand(ckpt.config.hidden_size, generator=gen), arch.norm_offset
+        )
+        n, inter = layer.mlp.experts.down_proj.shape[0], layer.mlp.experts.down_proj.shape[2]
+        for e in range(n):
+            fold_expert(layer, arch.experts, e, 0.5 + torch.rand(inter, generator=gen))
     torch.testing.assert_close(runner(layer, x), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))

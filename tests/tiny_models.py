@@ -58,6 +58,19 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     ),
     # fused qkv_proj and gate_up_proj; no sliding window (llama.cpp then attends to everything)
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None, "pad_token_id": 0}),
+    # mixtures of experts: 8 experts (llama-quantize's 8-expert rules apply), 2 per token
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 256,
+            "head_dim": 64,
+            "norm_topk_prob": True,
+        },
+    ),
     # six layers: five local (rope base 10000), one global, llama.cpp's fixed pattern
     "gemma3_text": (
         "Gemma3TextConfig",

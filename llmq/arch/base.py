@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,87 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A sparse mixture-of-experts block: checkpoints store its experts one by one, transformers (v5)
+    holds them stacked (``experts.gate_up_proj`` ``(E, 2I, H)``, ``experts.down_proj`` ``(E, H, I)``) and
+    GGUF wants ``ffn_{gate,up,down}_exps`` ``(E, rows, K)`` beside the router ``ffn_gate_inp``.
+
+    Attributes:
+        module: the block in transformers' decoder layer (its ``gate`` is the router).
+        gate, up, down: checkpoint names (within the layer) of expert ``{e}``'s projections.
+        router: checkpoint name (within the layer) of the router weight ``(E, H)``.
+        count_key, used_key, ff_key: config keys of the expert count, the experts used per token
+            and an expert's intermediate size.
+        norm: the norm in front of the block (AWQ folds the router's and experts' scale into it).
+    """
+
+    module: str
+    gate: str
+    up: str
+    down: str
+    router: str
+    count_key: str
+    used_key: str = "num_experts_per_tok"
+    ff_key: str = "moe_intermediate_size"
+    norm: str = "post_attention_layernorm"  # the norm in front of the block
+
+    def count(self, config: Any) -> int:
+        return int(getattr(config, self.count_key))
+
+    def layer_params(self) -> tuple[str, str, str]:
+        """transformers' stacked parameters within the layer: router weight, gate_up, down."""
+        return (
+            f"{self.module}.gate.weight",
+            f"{self.module}.experts.gate_up_proj",
+            f"{self.module}.experts.down_proj",
+        )
+
+    def stacked(self) -> dict[str, str]:
+        """GGUF tensor suffix -> the layer tensor llmq encodes it from (gate/up split from gate_up)."""
+        m = f"{self.module}.experts"
+        return {
+            "ffn_gate_inp.weight": f"{self.module}.gate.weight",
+            "ffn_gate_exps.weight": f"{m}.gate_proj.weight",
+            "ffn_up_exps.weight": f"{m}.up_proj.weight",
+            "ffn_down_exps.weight": f"{m}.down_proj.weight",
+        }
+
+    def views(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The stacked gate, up and down ``(E, rows, K)`` of a layer's state dict, as `stacked` names them."""
+        _, gate_up, down = self.layer_params()
+        m, gu = f"{self.module}.experts", params[gate_up]
+        half = gu.shape[1] // 2
+        return {
+            f"{m}.gate_proj.weight": gu[:, :half],
+            f"{m}.up_proj.weight": gu[:, half:],
+            f"{m}.down_proj.weight": params[down],
+        }
+
+    def assign(self, layer: Any, name: str, values: Any) -> bool:
+        """Copy ``values`` into layer tensor ``name`` if it is one of `views`' (the stacked gate, up or
+        down); return whether it was."""
+        _, gate_up, down = self.layer_params()
+        m = f"{self.module}.experts"
+        if name not in (f"{m}.gate_proj", f"{m}.up_proj", f"{m}.down_proj"):
+            return False
+        params = dict(layer.named_parameters())
+        if name.endswith("down_proj"):
+            params[down].data.copy_(values)
+        else:
+            gu = params[gate_up].data
+            half = gu.shape[1] // 2
+            (gu[:, :half] if name.endswith("gate_proj") else gu[:, half:]).copy_(values)
+        return True
+
+    def is_source(self, name: str) -> bool:
+        """Whether checkpoint name ``name`` (within the layer) is an expert's or the router's."""
+        pats = [self.gate, self.up, self.down]
+        return name == self.router or any(
+            re.fullmatch(re.escape(p).replace(r"\{e\}", r"\d+"), name) for p in pats
+        )
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Everything llmq knows about one decoder-only architecture."""
 
@@ -63,6 +145,8 @@ class ArchSpec:
     embed_scale: bool = False
     # Family-specific GGUF keys beyond the Llama-style ones: f(gguf.GGUFWriter, transformers config).
     metadata: Callable[[Any, Any], None] | None = None
+    # A sparse MoE block in every layer (Mixtral, Qwen3-MoE).
+    experts: Experts | None = None
     scale_groups: tuple[ScaleGroup, ...] = ()
     # Linears the clip search skips (rotary Q/K, as the AWQ reference implementation does).
     no_clip: tuple[str, ...] = ()
