@@ -120,9 +120,8 @@ class Target:
     ) -> np.ndarray | torch.Tensor:
         """``w`` as it will be stored without error feedback: encoded, decoded back (float32).
 
-        A torch tensor gives a tensor on its device. Off the CPU, types whose codec runs on torch
-        (the K-quants, ungrouped) encode there, with the CPU's bytes; on the CPU, and for the
-        others, the values go through `encode` (libggml, or NumPy) and back.
+        A torch tensor gives a tensor on its device: encoded there where `on_device` says so (the
+        CPU's bytes), otherwise through `encode` (libggml, or NumPy) and back.
         """
         if not isinstance(w, torch.Tensor):
             return self.codec_class().decode(self.encode(w, importance), w.shape)
@@ -133,9 +132,11 @@ class Target:
         return torch.from_numpy(values).to(w.device)
 
     def on_device(self, device: torch.device) -> bool:
-        """Whether `fake_quant` encodes on ``device`` itself: not the CPU (libggml is faster there)."""
+        """Whether `fake_quant` encodes on ``device`` itself: a GPU, for the K-quants, where no libggml is
+        installed. libggml on the CPU is faster still: the torch K encoders replay llama.cpp's
+        per-sub-block loops as many small operations, 5-11 M weights/s on an H200 (BENCHMARKS.md)."""
         codec = self.codec_class()
-        return device.type != "cpu" and codec.array_api and not self.grouped
+        return device.type != "cpu" and codec.array_api and not self.grouped and not self.uses_libggml()
 
 
 # Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,

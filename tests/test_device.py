@@ -26,6 +26,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TYPES = [("Q4_K", 256), ("Q6_K", 256), ("Q4_0", 32), ("Q5_1", 32)]
 
 
+def _torch_fake_quant(t: Target, w: torch.Tensor, imp: np.ndarray) -> torch.Tensor:
+    """``t``'s values of ``w`` encoded by the torch K codec on ``w``'s device (what `fake_quant` does
+    there when no libggml is installed)."""
+    codec = REGISTRY[t.codec]
+    return codec.decode(
+        codec.encode(w, imp if t.encoder.weighted else None, refine=t.encoder.refine), tuple(w.shape)
+    )
+
+
 def _stats(k: int, device: str, seed: int) -> InputStats:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(700, k, generator=gen) * torch.linspace(0.1, 4.0, k) + torch.randn(1, k, generator=gen)
@@ -47,8 +56,12 @@ def test_fake_quant_of_a_tensor_is_the_numpy_values(device: str, codec: str, gro
     for weighted, refine in ((True, False), (False, False), (True, True)):
         t = Target(codec, group, EncoderConfig(weighted=weighted, refine=refine))
         ours = t.fake_quant(w.to(device), imp)
+        if device != "cpu" and REGISTRY[codec].array_api:  # the torch encoders there, libggml or not
+            forced = _torch_fake_quant(t, w.to(device), imp)
+            np.testing.assert_array_equal(forced.cpu().numpy(), t.fake_quant(w.numpy(), imp))
         assert isinstance(ours, torch.Tensor) and ours.device.type == device
-        assert t.on_device(torch.device(device)) == (device != "cpu" and REGISTRY[codec].array_api)
+        on_gpu = device != "cpu" and REGISTRY[codec].array_api and not t.uses_libggml()
+        assert t.on_device(torch.device(device)) == on_gpu
         np.testing.assert_array_equal(ours.cpu().numpy(), t.fake_quant(w.numpy(), imp))
 
 
