@@ -190,3 +190,28 @@ def test_every_scale_group_folds_without_changing_the_layer(family: tuple[str, P
         for e in range(n):
             fold_expert(layer, arch.experts, e, 0.5 + torch.rand(inter, generator=gen))
     torch.testing.assert_close(runner(layer, x), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+def test_compressed_tensors_output_loads_in_transformers(family: tuple[str, Path], tmp_path: Path) -> None:
+    """The safetensors output of every dense family loads in transformers with llmq's values; a MoE
+    family is refused before any work (GGUF only)."""
+    from test_formats import _client_logits, _dense_logits
+
+    from llmq.errors import FormatError
+
+    name, _ = family
+    # bf16, as the capture of llmq's values assumes (`test_formats.Capture`)
+    model = make_tiny(name, tmp_path / "m", hidden=256, intermediate=512, heads=4, kv_heads=2, tie=False)
+    if registered()[name].experts is not None:
+        with pytest.raises(FormatError, match="mixture-of-experts layers.*--format gguf"):
+            llmq.convert(
+                model,
+                tmp_path / "ct",
+                llmq.QuantConfig(bits=4, group_size=64),
+                formats=["compressed-tensors"],
+            )
+        assert not (tmp_path / "ct").exists()
+        return
+    load = "m = AutoModelForCausalLM.from_pretrained(OUT, dtype=torch.float32).eval()"
+    got, values, ids = _client_logits(model, tmp_path, "compressed-tensors", 0, load)
+    torch.testing.assert_close(got, _dense_logits(model, values, ids), rtol=1e-3, atol=2e-3)

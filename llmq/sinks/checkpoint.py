@@ -145,6 +145,11 @@ class CheckpointSink(SinkBase):
     def check(self, job: Job) -> None:
         """Refuse, before any work, settings the format cannot hold (one line saying what it holds)."""
         check_output(self.path, overwrite=self.options.overwrite)
+        if job.arch.experts is not None:
+            raise FormatError(
+                f"format={self.format}: {job.arch.model_type} has mixture-of-experts layers, which llmq "
+                "writes to GGUF only (--format gguf)"
+            )
         for p in job.plans:
             if p.role != "linear":
                 continue
