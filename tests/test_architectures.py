@@ -21,6 +21,7 @@ from tiny_models import FAMILIES, make_tiny
 import llmq
 from llmq.arch import registered
 from llmq.eval.llamacpp import quantize_with_llama_cpp
+from llmq.mixes import MIXES
 
 TOKENS = [1, 40, 77, 120, 5, 230, 64, 99, 150, 11, 3, 200, 31, 17, 250, 8]
 
@@ -215,3 +216,26 @@ def test_compressed_tensors_output_loads_in_transformers(family: tuple[str, Path
     load = "m = AutoModelForCausalLM.from_pretrained(OUT, dtype=torch.float32).eval()"
     got, values, ids = _client_logits(model, tmp_path, "compressed-tensors", 0, load)
     torch.testing.assert_close(got, _dense_logits(model, values, ids), rtol=1e-3, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def mixtral_f16(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny 8-expert Mixtral (llama-quantize's 8-expert rules apply) and its F16 GGUF."""
+    root = tmp_path_factory.mktemp("mixtral8")
+    model = make_tiny("mixtral", root / "m", hidden=256, intermediate=512, tie=False, dtype=torch.float16)
+    f16 = llmq.convert(
+        model, root / "f16.gguf", llmq.QuantConfig(quant="F16"), progress=False, write_card=False
+    )
+    return model, f16.path
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_eight_expert_mixes_are_llama_quantizes(
+    mixtral_f16: tuple[Path, Path], tmp_path: Path, mix: str
+) -> None:
+    model, f16 = mixtral_f16
+    ours = llmq.convert(model, tmp_path / "q.gguf", llmq.QuantConfig(quant=mix, method="rtn"), progress=False,
+                        write_card=False)  # fmt: skip
+    ref, mine = _tensors(quantize_with_llama_cpp(f16, tmp_path / "ref.gguf", mix)), _tensors(ours.path)
+    assert {n: t for n, (t, _) in mine.items()} == {n: t for n, (t, _) in ref.items()}
+    assert all(np.array_equal(data, ref[n][1]) for n, (_, data) in mine.items())
