@@ -257,9 +257,12 @@ def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[La
 
 def _outside_layers(job: Job, plans: list[TensorPlan], sinks: Sequence[Sink], prog: LayerProgress) -> None:
     """Embeddings, final norm, output and computed tensors: read straight from the checkpoint."""
+    computed = job.arch.computed(job.ckpt.config) if job.arch.computed is not None else {}
     for p in plans:
-        if p.source is None:  # llama.cpp's rope factors of Llama 3.1 scaling
-            t = torch.from_numpy(llama3_rope_factors(job.ckpt.config))
+        if p.source is None:  # the family's computed tensors, or llama.cpp's rope factors of Llama 3.1
+            t = torch.from_numpy(
+                computed[p.name] if p.name in computed else llama3_rope_factors(job.ckpt.config)
+            )
         else:
             t = job.ckpt.get(p.source)
         imp = job.imatrix.entries.get(p.name) if job.imatrix is not None else None

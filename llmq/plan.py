@@ -147,6 +147,8 @@ def plan_tensors(ckpt: Checkpoint, arch: ArchSpec, cfg: QuantConfig) -> list[Ten
         plans.append(
             TensorPlan("rope_freqs.weight", None, (head_dim(config) // 2,), "F32", 1, None, "rope_freqs")
         )
+    for name, values in (arch.computed(config) if arch.computed is not None else {}).items():
+        plans.append(TensorPlan(name, None, tuple(values.shape), "F32", 1, None, "rope_freqs"))
     for i in range(n_layers):
         prefix = arch.layer_prefix.format(i=i)
         sources = [s for s in ckpt.names() if s.startswith(prefix)]

@@ -10,6 +10,8 @@ For each family in `llmq.arch.registered()` (and `tiny_models.FAMILIES`, which m
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import gguf
@@ -239,3 +241,32 @@ def test_eight_expert_mixes_are_llama_quantizes(
     ref, mine = _tensors(quantize_with_llama_cpp(f16, tmp_path / "ref.gguf", mix)), _tensors(ours.path)
     assert {n: t for n, (t, _) in mine.items()} == {n: t for n, (t, _) in ref.items()}
     assert all(np.array_equal(data, ref[n][1]) for n, (_, data) in mine.items())
+
+
+def test_phi3_longrope_factors_reach_llama_cpp(tmp_path: Path) -> None:
+    """The 128k Phi-3s (and Phi-3.5-mini, Phi-4-mini): rope_factors_long/short written, and llama.cpp
+    computes transformers' logits within the original context (where both use the short factors)."""
+    gen = np.random.default_rng(5)
+    rope = {
+        "rope_type": "longrope",
+        "long_factor": (1 + 3 * gen.random(32)).tolist(),
+        "short_factor": (1 + 0.5 * gen.random(32)).tolist(),
+    }
+    model = make_tiny("phi3", tmp_path / "m", hidden=256, intermediate=512, heads=4, kv_heads=2, tie=False,
+                      dtype=torch.float16, rope_scaling=rope)  # fmt: skip
+    cfg = json.loads((model / "config.json").read_text())
+    # max_position_embeddings 512: a 2x extension; llama.cpp pads the test's context of 64 to 256,
+    # still within the original context, so both sides take the short factors
+    cfg["original_max_position_embeddings"] = 256
+    cfg["rope_parameters"]["original_max_position_embeddings"] = 256
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "f32.gguf"
+    llmq.convert(model, out, llmq.QuantConfig(method="rtn", quant="F32"), progress=False, write_card=False)
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    np.testing.assert_array_equal(tensors["rope_factors_short.weight"], np.float32(rope["short_factor"]))
+    np.testing.assert_array_equal(tensors["rope_factors_long.weight"], np.float32(rope["long_factor"]))
+    want = math.sqrt(1 + math.log(2) / math.log(256))
+    assert float(reader.fields["phi3.rope.scaling.attn_factor"].parts[-1][0]) == pytest.approx(want)
+    ref, got = _hf_logits(model, TOKENS), _llama_cpp_logits(out, TOKENS)
+    np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())

@@ -147,6 +147,8 @@ class ArchSpec:
     metadata: Callable[[Any, Any], None] | None = None
     # A sparse MoE block in every layer (Mixtral, Qwen3-MoE).
     experts: Experts | None = None
+    # Tensors llmq computes from the config (Phi-3's longrope factors): f(config) -> {GGUF name: F32 values}.
+    computed: Callable[[Any], dict[str, Any]] | None = None
     scale_groups: tuple[ScaleGroup, ...] = ()
     # Linears the clip search skips (rotary Q/K, as the AWQ reference implementation does).
     no_clip: tuple[str, ...] = ()
