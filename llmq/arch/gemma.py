@@ -41,7 +41,10 @@ def _gemma2_keys(w: gguf.GGUFWriter, config: Any) -> None:
 
 def _gemma3_keys(w: gguf.GGUFWriter, config: Any) -> None:
     # Gemma3Model.set_gguf_parameters; the local layers' rope base is llama.cpp's fixed 10000
-    w.add_sliding_window(int(config.sliding_window))
+    if getattr(config, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    if getattr(config, "sliding_window_pattern", None) != 1:
+        w.add_sliding_window(int(config.sliding_window))
 
 
 GEMMA2 = register(
