@@ -174,9 +174,11 @@ def encode_tensor(
     elif factor is None and gram is not None:  # factored once for all slabs
         factor = feedback_factor(gram)
     rows = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
+    if isinstance(factor, torch.Tensor):  # on a GPU: the first encoding in slabs here, the rest there
+        first = encode_tensor(plan, rows, importance, encoder=replace(encoder, refine=False, feedback=False))
+        out = _refine_and_feed_back(target, rows, importance, factor, first)
+        return out.reshape(codec.byte_shape(tuple(t.shape)))
     out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
-    if isinstance(factor, torch.Tensor):  # on a GPU: libggml's first encoding here, the rest there
-        return _encode_on_device(target, rows, importance, factor).reshape(codec.byte_shape(tuple(t.shape)))
     # error feedback loops over columns in Python: bigger slabs, fewer steps
     step = max(1, (CHUNK_VALUES * (4 if factor is not None else 1)) // rows.shape[1])
 
@@ -194,22 +196,13 @@ def encode_tensor(
     return out.reshape(codec.byte_shape(tuple(t.shape)))
 
 
-def _encode_on_device(
-    target: Target, rows: torch.Tensor, importance: np.ndarray | None, factor: torch.Tensor
+def _refine_and_feed_back(
+    target: Target, rows: torch.Tensor, importance: np.ndarray | None, factor: torch.Tensor, data: np.ndarray
 ) -> np.ndarray:
-    """`encode_tensor` with a GPU's feedback factor: the first encoding in slabs on the CPU (libggml
-    or NumPy), its refinement (K-quants) and the error feedback on the factor's device, whole."""
+    """`encode_tensor` with a GPU's feedback factor, after the first encoding ``data`` (libggml or
+    NumPy, on the CPU): its refinement (K-quants) and the error feedback on the factor's device, whole."""
     codec, enc = target.codec_class(), target.encoder
-    plain = Target(target.codec, target.group, replace(enc, refine=False, feedback=False))
     x = np.ascontiguousarray(rows.to(torch.float32).numpy())
-    data = np.empty(codec.byte_shape(x.shape), dtype=np.uint8)
-    step = max(1, CHUNK_VALUES // x.shape[1])
-
-    def slab(start: int) -> None:
-        data[start : start + step] = plain.encode(x[start : start + step], importance)
-
-    with ThreadPoolExecutor(ENCODE_THREADS) as pool:
-        list(pool.map(slab, range(0, x.shape[0], step)))
     imp = importance if enc.weighted else None
     if enc.refine and codec.array_api:  # the same bytes as on the CPU (`llmq.codecs.krefine`)
         dev = factor.device

@@ -232,7 +232,17 @@ def mix_type(mix: Mix, name: str, layer: int | None, shape: tuple[int, ...], mod
         if shape[-1] % REGISTRY[mix.default].block_size:
             return "Q8_0"
         return mix.default if mix.default == "Q8_0" else "Q6_K"
-    for rule in mix.rules:
+    return _first_rule(mix.rules, cat, layer, model) or mix.default
+
+
+def plain_type(name: str, layer: int | None, model: ModelShape) -> str | None:
+    """The type llama-quantize forces on tensor ``name`` whatever the file type (its 8-expert attn_v
+    and attn_k rule), or None."""
+    return _first_rule(_MOE8, category(name), layer, model)
+
+
+def _first_rule(rules: tuple[Rule, ...], cat: str, layer: int | None, model: ModelShape) -> str | None:
+    for rule in rules:
         if rule.category == cat and WHEN[rule.when](layer or 0, model.n_layers, model):
             return rule.type
-    return mix.default
+    return None

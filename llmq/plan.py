@@ -14,7 +14,7 @@ from .arch.hparams import head_dim, rope_parameters
 from .codecs import REGISTRY, GroupCodec
 from .config import QuantConfig
 from .errors import SourceError
-from .mixes import ModelShape, category, mix_type, override
+from .mixes import ModelShape, mix_type, override, plain_type
 from .source import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,9 @@ def _want(
     if role != "linear":
         return cfg.embedding_codec_name, 32
     codec = REGISTRY[cfg.codec_name]
-    # llama-quantize's 8-expert rule holds for every file type, not only the mixes
-    moe8 = model.n_expert == 8 and category(name) in ("attn_v", "attn_k")
-    if moe8 and not codec.is_float and cfg.group == codec.block_size:
-        return "Q8_0", REGISTRY["Q8_0"].block_size
+    always = plain_type(name, layer, model)  # llama-quantize's rules for every quantized file type
+    if always is not None and not codec.is_float and cfg.group == codec.block_size:
+        return always, REGISTRY[always].block_size
     return cfg.codec_name, cfg.group
 
 

@@ -101,18 +101,11 @@ class Experts:
 
     def assign(self, layer: Any, name: str, values: Any) -> bool:
         """Copy ``values`` into layer tensor ``name`` if it is one of `views`' (the stacked gate, up or
-        down); return whether it was."""
-        _, gate_up, down = self.layer_params()
-        m = f"{self.module}.experts"
-        if name not in (f"{m}.gate_proj", f"{m}.up_proj", f"{m}.down_proj"):
+        down: views of the layer's parameters); return whether it was."""
+        view = self.views({n: p.data for n, p in layer.named_parameters()}).get(f"{name}.weight")
+        if view is None:
             return False
-        params = dict(layer.named_parameters())
-        if name.endswith("down_proj"):
-            params[down].data.copy_(values)
-        else:
-            gu = params[gate_up].data
-            half = gu.shape[1] // 2
-            (gu[:, :half] if name.endswith("gate_proj") else gu[:, half:]).copy_(values)
+        view.copy_(values)
         return True
 
     def is_source(self, name: str) -> bool:
