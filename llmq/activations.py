@@ -181,15 +181,39 @@ class InputStats:
 
     # rows of the Gram updated per step by `divide` (bounds its temporary to ROWS x C)
     ROWS = 1024
+    # `add` sums the Gram's upper block triangle only, in square blocks of this width (a Gram is
+    # symmetric): 4096 inputs cost 62% of the full product, 14336 inputs 54%; mirrored once, when read
+    BLOCK = 1024
 
     def __init__(self, channels: int, device: str | torch.device = "cpu") -> None:
-        self.gram = torch.zeros(channels, channels, dtype=torch.float32, device=device)
+        self._gram: torch.Tensor | None = torch.zeros(channels, channels, dtype=torch.float32, device=device)
+        self._mirrored = True
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
 
+    @property
+    def gram(self) -> torch.Tensor:
+        if not self._mirrored and self._gram is not None:  # the lower blocks from the upper ones
+            for a, b in _blocks(self._gram.shape[0], self.BLOCK):
+                self._gram[b:, a:b] = self._gram[a:b, b:].T
+            self._mirrored = True
+        return self._gram  # type: ignore[return-value]
+
+    @gram.setter
+    def gram(self, value: torch.Tensor | None) -> None:
+        self._gram, self._mirrored = value, True
+
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.gram.addmm_(x2.T, x2)
+        g = self._gram
+        assert g is not None, "statistics already consumed"
+        spans = _blocks(g.shape[0], self.BLOCK)
+        if len(spans) == 1:
+            g.addmm_(x2.T, x2)
+        else:
+            for a, b in spans:  # row block a:b against itself and every block to its right
+                g[a:b, a:].addmm_(x2[:, a:b].T, x2[:, a:])
+            self._mirrored = False
         self.abs_sum += x2.abs().sum(0).double()
         self.n += x2.shape[0]
 
@@ -213,6 +237,10 @@ class InputStats:
         for a in range(0, s.shape[0], self.ROWS):
             self.gram[a : a + self.ROWS] /= s[a : a + self.ROWS, None] * s[None, :]
         self.abs_sum /= s.double()
+
+
+def _blocks(n: int, width: int) -> list[tuple[int, int]]:
+    return [(a, min(a + width, n)) for a in range(0, n, width)]
 
 
 # how capture_inputs makes a module's statistics: (channels, device) -> InputStats

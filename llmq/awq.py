@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,8 +57,8 @@ class AWQConfig:
             the winner is then encoded on every row. 1024 is the default: 256 lost 1.7% KL on the
             dithered SmolLM2 reference (BENCHMARKS.md, "Sampled scoring").
         exact_scoring: score candidates with the encoder that stores the weights, refinement
-            included; False (measured a tie) scores them without K-quant refinement, at libggml's
-            speed where it is installed.
+            included; False ranks scale candidates with `Target.scorer` (no K-quant refinement,
+            libggml's speed where installed; measured a tie).
     """
 
     n_grid: int = 20
@@ -260,8 +260,7 @@ def scale_losses(
     Returns:
         One loss per candidate: ``sum((E @ G) * E)`` over the scored rows divided by their number.
     """
-    if not exact:
-        targets = [replace(t, encoder=replace(t.encoder, refine=False)) for t in targets]
+    targets = [t.scorer(exact) for t in targets]
     # the summed Gram, not a mean copy of it (3.3 GB at 28672 inputs): losses divide by the tokens.
     # Scoring runs where the statistics are (a GPU's encoders and products, or the CPU's).
     mean_sq, gram = st.mean_sq, st.gram

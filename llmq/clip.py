@@ -88,11 +88,12 @@ def clip_search(
         return block_errors(e, gram, bounds)
 
     n_groups = len(bounds)
+    e_unclipped = w - target.fake_quant(w, importance)  # ratio 1: also the rows' error before clipping
     with ThreadPoolExecutor(max_workers=THREADS) as pool:  # independent candidates, as in the scale search
-        all_losses = list(
+        all_losses = [block_errors(e_unclipped, gram, bounds)] + list(
             pool.map(
                 lambda ratio: group_losses(clamp(torch.full((w.shape[0], n_groups), ratio, device=w.device))),
-                ratios,
+                ratios[1:],
             )
         )
     best = all_losses[0]
@@ -106,7 +107,7 @@ def clip_search(
     # The choice above scores each group on its diagonal block of G; the output error of a row also
     # has cross-group terms. Keep a row's clipping only if its full output error goes down (rows are
     # encoded independently, so this is exact).
-    before_rows = row_errors(w - target.fake_quant(w, importance), gram)
+    before_rows = row_errors(e_unclipped, gram)
     after_rows = row_errors(w - target.fake_quant(clipped, importance), gram)
     keep = after_rows < before_rows
     best_r = torch.where(keep[:, None], best_r, torch.ones_like(best_r))

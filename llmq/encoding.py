@@ -106,6 +106,15 @@ class Target:
             return encode_feedback(codec, w, factor, imp, refine=enc.refine, data=data)
         return data
 
+    def scorer(self, exact: bool = True) -> Target:
+        """The target a search ranks its candidates with: this one when ``exact``, otherwise the same
+        type without K-quant refinement (libggml's speed). Group-wise types keep their weighted
+        search: ranked by min/max fits, scales chose other candidates on every SmolLM2 group tried,
+        10% worse on average (BENCHMARKS.md, "Cheaper scoring")."""
+        if exact:
+            return self
+        return replace(self, encoder=replace(self.encoder, refine=False))
+
     def uses_libggml(self) -> bool:
         """Whether encodes go through libggml's `ggml_quantize_chunk` (installed; not group-wise grids)."""
         codec = self.codec_class()
@@ -151,7 +160,7 @@ def encode_tensor(
     importance: np.ndarray | None = None,
     gram: np.ndarray | None = None,
     encoder: EncoderConfig = EncoderConfig(),
-    factor: np.ndarray | torch.Tensor | None = None,
+    factor: np.ndarray | torch.Tensor | list[np.ndarray | torch.Tensor | None] | None = None,
 ) -> np.ndarray:
     """The bytes of one planned tensor, encoded a slab of rows at a time.
 
@@ -159,12 +168,15 @@ def encode_tensor(
     so slabs give the bytes of the whole. Only linears take the encoder's refinement, feedback and
     grid; other tensors (embeddings, output) are encoded by their type with ``importance`` alone.
     Error feedback takes the input's second moment ``gram`` or its `feedback_factor` (computed once
-    for linears that read the same input).
+    for linears that read the same input); stacked experts ``(E, rows, K)`` take one per expert.
     """
     if importance is not None and importance.ndim == 2:  # stacked experts, each with its own (E, K)
         assert t.ndim == 3 and importance.shape == (t.shape[0], t.shape[-1]), (t.shape, importance.shape)
-        parts = [encode_tensor(plan, t[e], importance[e], gram, encoder, factor) for e in range(t.shape[0])]
-        return np.stack(parts)
+        fs = factor if isinstance(factor, list) else [factor] * t.shape[0]
+        return np.stack(
+            [encode_tensor(plan, t[e], importance[e], gram, encoder, fs[e]) for e in range(t.shape[0])]
+        )
+    assert not isinstance(factor, list), "per-expert factors need per-expert importance (E, K)"
     if plan.role != "linear":
         encoder = EncoderConfig(weighted=encoder.weighted)
     target = Target(plan.codec, plan.group, encoder)

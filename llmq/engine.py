@@ -21,7 +21,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .activations import CalibrationFlow, InputStats
+from . import moe
+from .activations import CPU_MATMUL, CalibrationFlow, InputStats, matmul_precision
 from .arch import ArchSpec, ScaleGroup, get_arch
 from .arch.hparams import llama3_rope_factors
 from .awq import AWQConfig
@@ -317,7 +318,9 @@ def _layer(
             all_reduce_stats(stats)  # every process's windows (torchrun), the same sums in each
             for s in sinks:
                 s.layer_stats(job, index, stats)
-    with prog.phase(what, "search"):
+    # the candidates' Gram products at the forwards' CPU precision (relative error ~6e-7)
+    cpu = torch.device(job.device).type == "cpu"
+    with prog.phase(what, "search"), matmul_precision(CPU_MATMUL if cpu else None):
         report = search.run(layer, index, stats, targets, arch)  # search scales, fold, clip
     params = layer.state_dict()
     if arch.experts is not None:  # the stacked experts as GGUF holds them: gate, up, down
@@ -365,11 +368,21 @@ def _factor(
     factors: dict[str, np.ndarray | torch.Tensor],
     name: str,
     target: Target,
-) -> np.ndarray | torch.Tensor | None:
-    """The error-feedback factor of linear ``name``'s input, factored once per input and layer."""
-    reader = job.arch.reader_of(name)
-    if not target.uses_feedback() or stats is None or reader not in stats:
+) -> np.ndarray | torch.Tensor | list[np.ndarray | torch.Tensor | None] | None:
+    """The error-feedback factor of linear ``name``'s input, factored once per input and layer; for
+    stacked experts one per expert, of its routed tokens (None where it saw fewer than `moe.MIN_TOKENS`)."""
+    if not target.uses_feedback() or stats is None:
         return None
+    experts = moe.expert_readers(job.arch.experts, job.ckpt.config, name)
+    if experts is not None:
+        return [_factor_of(stats, factors, r) if stats[r].n >= moe.MIN_TOKENS else None for r in experts]
+    reader = job.arch.reader_of(name)
+    return _factor_of(stats, factors, reader) if reader in stats else None
+
+
+def _factor_of(
+    stats: dict[str, InputStats], factors: dict[str, np.ndarray | torch.Tensor], reader: str
+) -> np.ndarray | torch.Tensor:
     if reader not in factors:
         # the statistics after the search's folded scales (their sum: feedback is scale-free)
         st = stats[reader]

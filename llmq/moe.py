@@ -38,6 +38,16 @@ def stats_names(experts: Experts, n: int) -> tuple[str, list[str], list[str]]:
     return experts.module, [f"{m}.{e}" for e in range(n)], [f"{m}.{e}.down" for e in range(n)]
 
 
+def expert_readers(experts: Experts | None, config: Any, linear: str) -> list[str] | None:
+    """The per-expert statistics keys a stacked expert linear reads (None: not one): each expert's
+    input for its gate and up, its down input for its down projection."""
+    if experts is None:
+        return None
+    m = f"{experts.module}.experts"
+    _, inputs, downs = stats_names(experts, experts.count(config))
+    return {f"{m}.gate_proj": inputs, f"{m}.up_proj": inputs, f"{m}.down_proj": downs}.get(linear)
+
+
 def capture_hooks(
     layer: nn.Module, experts: Experts, device: torch.device, new_stats: Callable[..., InputStats]
 ) -> tuple[dict[str, InputStats], list[Any]]:

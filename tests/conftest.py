@@ -48,6 +48,39 @@ def reference_model_dir(test_cache_dir: Path, smollm2_gguf_path: Path) -> Path:
     return tool.build_reference_model(test_cache_dir / "SmolLM2-135M-Instruct")
 
 
+# Real SentencePiece tokenizers of Mistral's models, shipped as data in the `mistral-common` wheel
+# (Apache-2.0). Only the files are used: the wheel is downloaded from the package registry, not installed.
+MISTRAL_COMMON = "mistral-common==1.13.1"
+MISTRAL_TOKENIZERS = {
+    "v1": "mistral_common/data/tokenizer.model.v1",  # Mistral-7B-v0.1 (Llama 2's scheme, 32000 pieces)
+    "v3": "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3",  # Mistral-7B-v0.3, 32768
+}
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizers(test_cache_dir: Path) -> dict[str, Path]:
+    """Mistral's ``tokenizer.model`` files by version, fetched once into the test cache; never skipped."""
+    import subprocess
+    import sys
+    import zipfile
+
+    out = test_cache_dir / "mistral-tokenizers"
+    paths = {v: out / f"tokenizer.model.{v}" for v in MISTRAL_TOKENIZERS}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    wheels = test_cache_dir / "wheels"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), MISTRAL_COMMON]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob("mistral_common-1.13.1-*.whl"))
+    if not found:
+        pytest.fail(f"could not fetch {MISTRAL_COMMON} from the package registry: {done.stderr[-1000:]}")
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found[0]) as wheel:
+        for version, member in MISTRAL_TOKENIZERS.items():
+            paths[version].write_bytes(wheel.read(member))
+    return paths
+
+
 @pytest.fixture(scope="session")
 def wikitext_path() -> Path:
     """WikiText-2 raw test split, kept outside the repo in ``../shared/data`` (fails if absent)."""

@@ -112,6 +112,7 @@ def test_input_stats_in_row_chunks_equal_the_float64_reference(monkeypatch: pyte
     from llmq.activations import InputStats
 
     monkeypatch.setattr(InputStats, "ROWS", 7)  # several chunks of a 20-wide Gram
+    monkeypatch.setattr(InputStats, "BLOCK", 6)  # the upper block triangle summed, mirrored when read
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 50, 20, generator=gen) * torch.linspace(0.1, 10, 20)
     s = torch.rand(20, generator=gen) + 0.5

@@ -243,6 +243,26 @@ def test_eight_expert_mixes_are_llama_quantizes(
     assert all(np.array_equal(data, ref[n][1]) for n, (_, data) in mine.items())
 
 
+@pytest.mark.parametrize("name", sorted(n for n, a in registered().items() if a.experts is not None))
+def test_stacked_experts_are_encoded_with_error_feedback(name: str, tmp_path: Path) -> None:
+    """The K recipe's error feedback reaches every expert: each is re-rounded against its own routed
+    tokens' second moment (4096 calibration tokens: every expert of the top-2 of 8 sees enough)."""
+    from llmq.encoding import EncoderConfig
+
+    model = make_tiny(name, tmp_path / "m", hidden=256, intermediate=512, tie=False, dtype=torch.float32)
+    calib = llmq.CalibConfig("builtin", n_samples=32, seqlen=128)
+    kw = {"progress": False, "write_card": False, "calib": calib}
+    fed = llmq.convert(model, tmp_path / "fb.gguf", llmq.QuantConfig(quant="Q4_K_M"), **kw)
+    plain = llmq.convert(model, tmp_path / "no.gguf", llmq.QuantConfig(quant="Q4_K_M"),
+                         encoder=EncoderConfig(refine=True, feedback=False), **kw)  # fmt: skip
+    a, b = _tensors(fed.path), _tensors(plain.path)
+    experts = [n for n in a if "_exps." in n]
+    assert len(experts) == 3 * len(fed.reports)
+    for n in experts:  # every expert of every stacked tensor re-rounded
+        x, y = (t[n][1].reshape(8, -1) for t in (a, b))
+        assert all(not np.array_equal(x[e], y[e]) for e in range(8)), n
+
+
 def test_phi3_longrope_factors_reach_llama_cpp(tmp_path: Path) -> None:
     """The 128k Phi-3s (and Phi-3.5-mini, Phi-4-mini): rope_factors_long/short written, and llama.cpp
     computes transformers' logits within the original context (where both use the short factors)."""

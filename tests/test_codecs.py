@@ -120,3 +120,19 @@ def test_registry_declares_geometry_from_gguf() -> None:
     for name, codec in REGISTRY.items():
         assert (codec.block_size, codec.type_size) == GGML_QUANT_SIZES[codec.qtype]
         assert codec.name == name
+
+
+@pytest.mark.parametrize("shape", [(33, 1), (128, 2), (128, 2048), (40, 3, 5), (7, 1, 1)])
+def test_seq_sum_adds_term_by_term_as_c(shape: tuple[int, ...]) -> None:
+    """`seq_sum` equals a C loop's float32 accumulation bit for bit (NumPy's reduce where it is the same)."""
+    import torch
+
+    from llmq.codecs.quants_math import seq_sum
+
+    rng = np.random.default_rng(0)
+    t = (rng.standard_normal(shape) * np.exp(4 * rng.standard_normal(shape))).astype(np.float32)
+    acc = np.zeros(shape[1:], np.float32)
+    for row in t:  # float s = 0; s += t[i]
+        acc = (acc + row).astype(np.float32)
+    assert np.array_equal(seq_sum(t).view(np.uint32), acc.view(np.uint32))
+    assert np.array_equal(seq_sum(torch.from_numpy(t)).numpy().view(np.uint32), acc.view(np.uint32))

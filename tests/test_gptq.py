@@ -123,6 +123,24 @@ def test_pipeline_encode_falls_back_where_a_type_has_no_grid() -> None:
         assert (plain.tobytes() != fed.tobytes()) == changes, name
 
 
+def test_stacked_experts_take_their_own_factor() -> None:
+    """Stacked experts ``(E, rows, K)`` are encoded one by one, each with its own routed tokens'
+    factor (None: an expert that saw too few tokens keeps the importance-weighted encoding)."""
+    e, rows, k = 3, 6, 256
+    rng = np.random.default_rng(7)
+    w = torch.from_numpy(rng.standard_normal((e, rows, k)).astype(np.float32))
+    imp = np.abs(rng.standard_normal((e, k))).astype(np.float32) + 0.1
+    factors = [feedback_factor(_correlated(k, 1024, 10 + i)[1]) for i in range(e - 1)] + [None]
+    plan = TensorPlan("blk.0.ffn_down_exps.weight", None, (e, rows, k), "Q4_K", 256, 0, "linear")
+    enc = EncoderConfig(feedback=True)
+    out = encode_tensor(plan, w, imp, encoder=enc, factor=factors)
+    plain = encode_tensor(plan, w, imp)
+    for i in range(e):
+        alone = encode_tensor(plan, w[i], imp[i], encoder=enc, factor=factors[i])
+        assert np.array_equal(out[i], alone), i
+        assert np.array_equal(out[i], plain[i]) == (factors[i] is None), i
+
+
 def test_awq_gptq_through_the_cli(tmp_path: Path) -> None:
     words, tensors, report = convert_awq_pair(tmp_path, "feedback")
     assert words[True]["gptq"] == "on"

@@ -240,3 +240,64 @@ def test_sentencepiece_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(gguf.vocab, "SentencePieceProcessor", None)
     with pytest.raises(LlmqError, match="pip install sentencepiece"):
         add_tokenizer(gguf.GGUFWriter(tmp_path / "x.gguf", "llama"), tmp_path)
+
+
+# Text llama.cpp must split as SentencePiece does: spaces, tabs and newlines, code, accents, CJK,
+# emoji (byte fallback), digits, and control-token names written as plain text.
+SPM_TEXTS = [
+    "Hello world",
+    "  leading spaces and\ttabs\nnew lines",
+    "def is_prime(n):\n    return all(n % d for d in range(2, n))",
+    "Größe, naïve café — «quotes» 日本語のテキスト 😀 emoji",
+    "1234567890 3.14159 x^2+y^2",
+    "[INST] What? [/INST] <s>literal</s> tags",
+]
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_real_mistral_sentencepiece_tokenizes_in_llama_cpp_as_sentencepiece(
+    version: str, mistral_tokenizers: dict[str, Path], tmp_path: Path
+) -> None:
+    """A Mistral checkpoint with its real ``tokenizer.model``: llmq's GGUF holds SentencePiece's pieces,
+    scores and types, and llama.cpp tokenizes text to the ids SentencePiece gives."""
+    import shutil
+
+    import sentencepiece as spm
+    import torch
+    import transformers
+    from llama_cpp import Llama
+
+    import llmq
+
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_tokenizers[version]))
+    n = sp.get_piece_size()
+    model = tmp_path / "mistral"
+    cfg = transformers.MistralConfig(
+        vocab_size=n, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.MistralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(model)
+    shutil.copy(mistral_tokenizers[version], model / "tokenizer.model")
+    _spm_config(model)
+    out = llmq.convert(model, tmp_path / "m.gguf", llmq.QuantConfig(quant="F32"), progress=False).path
+
+    fields = _tokenizer_fields(out)
+    T = gguf.TokenType
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+    assert fields["tokenizer.ggml.scores"] == pytest.approx([sp.get_score(i) for i in range(n)])
+    kinds = [
+        T.UNKNOWN
+        if sp.is_unknown(i)
+        else T.CONTROL
+        if sp.is_control(i)
+        else T.BYTE
+        if sp.is_byte(i)
+        else T.NORMAL
+        for i in range(n)
+    ]
+    assert fields["tokenizer.ggml.token_type"] == kinds
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in SPM_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)], text

@@ -14,7 +14,7 @@ Rows (``--rows``, comma-separated; each conversion is a fresh child process, tim
   (target <= 1.5).
 - ``awq70b``: AWQ Q4_K_M of one Llama-3.1-70B-shaped layer (`--preset 70b`): peak RSS (target <= 16 GB)
   and, with ``--device cuda``, peak GPU memory.
-- ``quick``: the README's first command, ``llmq convert SmolLM2 --bits 4 --group 128`` with every default
+- ``quick``: the README's first command, ``llmq convert SmolLM2 --quant Q4_K_M`` with every default
   (calibration included), through the CLI (target <= 120 s on 2 CPU cores).
 
 Usage::
@@ -130,7 +130,7 @@ def main() -> int:
         quantize = build_llama_perplexity(log=lambda s: print(s, file=sys.stderr)).with_name("llama-quantize")
     if "quick" in rows:
         out = args.work / "quick.gguf"
-        cli = [sys.executable, "-m", "llmq", "convert", str(SMOLLM2), "--bits", "4", "--group", "128"]
+        cli = [sys.executable, "-m", "llmq", "convert", str(SMOLLM2), "--quant", "Q4_K_M"]
         secs, rss, _ = run_child(cli + ["-o", str(out), "--force", "-q"])
         lines.append(f"quick: README's first convert {secs:.1f} s ({rss:.2f} GiB) (target <= 120 s)")
     if "rtn8b" in rows:

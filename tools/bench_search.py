@@ -2,7 +2,8 @@
 
 For each requested decoder layer of a model, the scale groups' candidate losses are computed by the
 reference score (every output row, the storing encoder) and by each variant (``rows:N``: a fixed sample
-of N rows per linear; ``fast``: the storing encoder without K-quant refinement; ``fast+rows:N`` both).
+of N rows per linear; ``fast``: `Target.scorer`, the storing encoder without K-quant refinement and, for group-wise
+types, min/max fits; ``rtn``: round to nearest, unweighted; ``fast+rows:N`` both).
 A variant agrees on a group when it picks the same candidate (unscaled included); its regret is the
 reference loss of its pick over the reference loss of the reference pick, minus one. Layers see the FP
 inputs of the layers before them (the K recipe's ``inputs="fp"``), so no choice changes another's data.
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import llmq
@@ -34,22 +36,27 @@ CACHE = Path(os.environ.get("LLMQ_TEST_CACHE") or Path.home() / ".cache" / "llmq
 CALIB = ROOT.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
 
 
-def parse_variant(v: str) -> tuple[int, bool]:
-    sample, exact = 0, True
+def parse_variant(v: str) -> tuple[int, bool, bool]:
+    sample, exact, rtn = 0, True, False
     for part in v.split("+"):
         if part == "fast":
             exact = False
+        elif part == "rtn":
+            exact, rtn = False, True
         elif part.startswith("rows:"):
             sample = int(part[5:])
         elif part != "full":
-            raise SystemExit(f"variant {v!r}: parts are full, fast, rows:N")
-    return sample, exact
+            raise SystemExit(f"variant {v!r}: parts are full, fast, rtn, rows:N")
+    return sample, exact, rtn
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(CACHE / "SmolLM2-135M-Instruct"))
     ap.add_argument("--quant", default="Q4_K_M")
+    ap.add_argument(
+        "--group", type=int, default=0, help="group-wise 4-bit with this group (instead of --quant)"
+    )
     ap.add_argument("--calib", default=str(CALIB))
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -58,7 +65,10 @@ def main() -> int:
     args = ap.parse_args()
     layers = sorted(int(x) for x in args.layers.split(","))
     variants = ["full", *args.variants.split(",")]
-    job = open_job(args.model, llmq.QuantConfig(quant=args.quant), progress=False)
+    quant = (
+        llmq.QuantConfig(bits=4, group_size=args.group) if args.group else llmq.QuantConfig(quant=args.quant)
+    )
+    job = open_job(args.model, quant, progress=False)
     calibrate(job, CalibConfig(args.calib, n_samples=args.samples, seqlen=args.seqlen))
     flow = CalibrationFlow.from_checkpoint(job.calibration, job.ckpt, job.arch, device="cpu")
     stream = LayerStream(job.ckpt, job.arch)
@@ -84,9 +94,10 @@ def main() -> int:
                 cands = [None, *candidate_scales(ws, ts, st, job.awq)[1]]
                 ref = None
                 for v in variants:
-                    sample, exact = parse_variant(v)
+                    sample, exact, rtn = parse_variant(v)
+                    vts = [replace(t, encoder=replace(t.encoder, weighted=False)) for t in ts] if rtn else ts
                     t0 = time.perf_counter()
-                    losses = scale_losses(ws, ts, st, cands, sample, exact)
+                    losses = scale_losses(ws, vts, st, cands, sample, exact)
                     seconds[v] += time.perf_counter() - t0
                     pick = min(range(len(losses)), key=lambda i: (losses[i], i))
                     if ref is None:
@@ -98,7 +109,9 @@ def main() -> int:
         del layer, stats
         job.ckpt.release()
     flow.close()
-    print(f"\n{args.model} {args.quant}, layers {args.layers}, {n_groups} scale groups")
+    print(
+        f"\n{args.model} {f'g{args.group}' if args.group else args.quant}, layers {args.layers}, {n_groups} scale groups"
+    )
     print(
         f"{'variant':<18} {'agree':>7} {'mean regret':>12} {'max regret':>11} {'seconds':>8} {'speed-up':>8}"
     )

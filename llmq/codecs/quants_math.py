@@ -31,6 +31,11 @@ def seq_sum(t: Array, from_zero: bool = True) -> Array:
     it starts at ``t[0]`` (``float s = t[0]; for i >= 1 ...``).
     """
     xp = array_namespace(t)
+    # NumPy reduces a C-ordered leading axis row by row into the accumulator: the same sums (a
+    # single column would be summed pairwise instead, hence at least two per row)
+    numpy_rows = isinstance(t, np.ndarray) and t.dtype == np.float32 and t.flags.c_contiguous
+    if from_zero and numpy_rows and t.size >= 2 * t.shape[0]:
+        return np.add.reduce(t, axis=0, initial=_F32(0))
     if from_zero:
         s = xp.zeros(t.shape[1:], dtype=xp.float32, device=device(t))
         for row in t:
