@@ -110,7 +110,7 @@ class Target:
         """The target a search ranks its candidates with: this one when ``exact``, otherwise the same
         type without K-quant refinement (libggml's speed). Group-wise types keep their weighted
         search: ranked by min/max fits, scales chose other candidates on every SmolLM2 group tried,
-        10% worse on average (BENCHMARKS.md, "Cheaper scoring")."""
+        10% worse on average (BENCHMARKS.md, "Scale, stop 18")."""
         if exact:
             return self
         return replace(self, encoder=replace(self.encoder, refine=False))
