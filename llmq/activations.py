@@ -207,13 +207,9 @@ class InputStats:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         g = self._gram
         assert g is not None, "statistics already consumed"
-        spans = _blocks(g.shape[0], self.BLOCK)
-        if len(spans) == 1:
-            g.addmm_(x2.T, x2)
-        else:
-            for a, b in spans:  # row block a:b against itself and every block to its right
-                g[a:b, a:].addmm_(x2[:, a:b].T, x2[:, a:])
-            self._mirrored = False
+        for a, b in _blocks(g.shape[0], self.BLOCK):  # row block a:b against itself and those to its right
+            g[a:b, a:].addmm_(x2[:, a:b].T, x2[:, a:])
+        self._mirrored = False
         self.abs_sum += x2.abs().sum(0).double()
         self.n += x2.shape[0]
 

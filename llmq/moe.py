@@ -38,14 +38,20 @@ def stats_names(experts: Experts, n: int) -> tuple[str, list[str], list[str]]:
     return experts.module, [f"{m}.{e}" for e in range(n)], [f"{m}.{e}.down" for e in range(n)]
 
 
+def linear_names(experts: Experts) -> tuple[str, str, str]:
+    """The stacked gate, up and down linears' names within the layer (as `Experts.views` keys them)."""
+    m = f"{experts.module}.experts"
+    return f"{m}.gate_proj", f"{m}.up_proj", f"{m}.down_proj"
+
+
 def expert_readers(experts: Experts | None, config: Any, linear: str) -> list[str] | None:
     """The per-expert statistics keys a stacked expert linear reads (None: not one): each expert's
     input for its gate and up, its down input for its down projection."""
     if experts is None:
         return None
-    m = f"{experts.module}.experts"
+    gate, up, down = linear_names(experts)
     _, inputs, downs = stats_names(experts, experts.count(config))
-    return {f"{m}.gate_proj": inputs, f"{m}.up_proj": inputs, f"{m}.down_proj": downs}.get(linear)
+    return {gate: inputs, up: inputs, down: downs}.get(linear)
 
 
 def capture_hooks(
@@ -101,8 +107,7 @@ def search(
     ex = layer.get_submodule(f"{experts.module}.experts")
     n, inter = ex.down_proj.shape[0], ex.down_proj.shape[2]
     block_name, inputs, downs = stats_names(experts, n)
-    m = f"{experts.module}.experts"
-    gate_name, up_name, down_name = f"{m}.gate_proj", f"{m}.up_proj", f"{m}.down_proj"
+    gate_name, up_name, down_name = linear_names(experts)
     counts = [stats[name].n for name in inputs]
     details: dict[str, Any] = {"tokens": counts, "unscaled": []}
 
