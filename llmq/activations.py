@@ -100,11 +100,18 @@ class ActivationStore:
 
 
 class LayerRunner:
-    """Runs transformers decoder layers on calibration mini-batches (causal, rotary positions)."""
+    """Runs transformers decoder layers on calibration mini-batches (causal, rotary positions).
 
-    def __init__(self, config: Any, arch: ArchSpec, device: str | torch.device = "cpu") -> None:
+    ``forward_dtype`` ``bfloat16`` runs the layers' products under autocast (`CalibConfig.forward_dtype`);
+    the statistics' own products stay float32.
+    """
+
+    def __init__(
+        self, config: Any, arch: ArchSpec, device: str | torch.device = "cpu", forward_dtype: str = "float32"
+    ) -> None:
         rotary = arch.rotary_class()
         self.device = torch.device(device)
+        self.autocast = resolve_forward_dtype(forward_dtype, self.device) == "bfloat16"
         self.rotary = rotary(config).to(self.device) if rotary is not None else None
         # one rotary module for several layer types (Gemma 3: local and global bases) takes the type
         self.typed_rotary = (
@@ -127,9 +134,14 @@ class LayerRunner:
             kwargs["position_embeddings"] = self.rotary(x, positions, getattr(attn, "layer_type", None))
         elif self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(x, positions)
-        with torch.no_grad(), matmul_precision(CPU_MATMUL if self.device.type == "cpu" else None):
-            out = layer(x, **kwargs)  # the capture hooks' Gram products run inside, at the same precision
-        return (out[0] if isinstance(out, tuple) else out).cpu()
+        with (
+            torch.no_grad(),
+            matmul_precision(CPU_MATMUL if self.device.type == "cpu" else None),
+            torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast),
+        ):
+            out = layer(x, **kwargs)  # the capture hooks' Gram products run inside, at matmul_precision
+        out = out[0] if isinstance(out, tuple) else out
+        return out.to(x.dtype).cpu()
 
     def mask(self, seqlen: int, window: int | None = None) -> torch.Tensor:
         """An explicit additive causal mask ``(1, 1, seqlen, seqlen)`` (correct under every attention
@@ -139,6 +151,22 @@ class LayerRunner:
         if window is not None and window < seqlen:
             hidden |= i[:, None] - i[None, :] >= window
         return torch.zeros(seqlen, seqlen, device=self.device).masked_fill(hidden, float("-inf"))[None, None]
+
+
+def resolve_forward_dtype(name: str, device: torch.device) -> str:
+    """`CalibConfig.forward_dtype` on ``device``: ``auto`` is ``bfloat16`` where the device multiplies
+    it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), otherwise ``float32``."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        cpu = torch.cpu
+        native = device.type == "cpu" and any(
+            getattr(cpu, probe, lambda: False)()
+            for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    return "bfloat16" if native else "float32"
 
 
 # float32 products on the CPU through oneDNN's split-bf16 path: twice the speed of plain float32 on
@@ -207,8 +235,9 @@ class InputStats:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         g = self._gram
         assert g is not None, "statistics already consumed"
-        for a, b in _blocks(g.shape[0], self.BLOCK):  # row block a:b against itself and those to its right
-            g[a:b, a:].addmm_(x2[:, a:b].T, x2[:, a:])
+        with torch.autocast(g.device.type, enabled=False):  # float32 sums inside a bfloat16 forward
+            for a, b in _blocks(g.shape[0], self.BLOCK):  # row block a:b against itself and to its right
+                g[a:b, a:].addmm_(x2[:, a:b].T, x2[:, a:])
         self._mirrored = False
         self.abs_sum += x2.abs().sum(0).double()
         self.n += x2.shape[0]
@@ -314,6 +343,7 @@ class CalibrationFlow:
         batch_size: int,
         device: str | torch.device = "cpu",
         directory: str | None = None,
+        forward_dtype: str = "float32",
     ) -> None:
         n, seqlen = tokens.shape
         self.store = ActivationStore(
@@ -322,7 +352,7 @@ class CalibrationFlow:
         scale = arch.embed_multiplier(config)
         for i in range(len(self.store)):
             self.store.write(i, embed(tokens[i * batch_size : (i + 1) * batch_size], embedding, scale))
-        self.runner = LayerRunner(config, arch, device)
+        self.runner = LayerRunner(config, arch, device, forward_dtype)
         self.arch = arch
 
     @classmethod
@@ -339,6 +369,7 @@ class CalibrationFlow:
             arch,
             batch_size=calibration.config.batch_size,
             device=device,
+            forward_dtype=calibration.config.forward_dtype,
         )
 
     def capture(

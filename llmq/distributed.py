@@ -3,7 +3,8 @@
 Each process runs its share of the calibration windows through every layer; the input statistics are
 summed over all processes (all-reduce) before the search, so every process searches the same
 statistics and reaches the same scales — the single-process result within floating-point tolerance
-(sums in another order). Layers stay in order; process 0 alone writes the outputs.
+(sums in another order). Layers stay in order; each process encodes its share of a layer's linears
+and broadcasts their bytes to the others (`owners`, `share`); process 0 alone writes the outputs.
 
 Example::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -64,3 +66,45 @@ def all_reduce_stats(stats: dict[str, Any]) -> None:
         n = torch.tensor([st.n], dtype=torch.int64, device=st.gram.device)
         dist.all_reduce(n)
         st.n = int(n.item())
+
+
+def owners(sizes: dict[str, int]) -> dict[str, int]:
+    """Which process encodes each tensor (by name): the largest first, each to the least loaded process.
+
+    The same assignment in every process (it depends only on ``sizes``); one process owns all.
+    """
+    size = world()[1]
+    load = [0] * size
+    out = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(size), key=lambda r: (load[r], r))
+        out[name] = rank
+        load[rank] += sizes[name]
+    return out
+
+
+_CPU_GROUP: Any = None
+
+
+def _cpu_group() -> Any:
+    """A gloo group for CPU tensors (the default group may be nccl's), made once by every process."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
+def share(
+    arrays: dict[str, np.ndarray | None], owner: dict[str, int], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Fill every process's ``arrays`` (uint8, by name) with its owner's bytes, in place: a broadcast each."""
+    if world()[1] <= 1:
+        return
+    rank = world()[0]
+    for name in sorted(arrays):  # the same order in every process
+        if owner[name] == rank:
+            buf = torch.from_numpy(np.ascontiguousarray(arrays[name]))
+        else:
+            buf = torch.empty(shapes[name], dtype=torch.uint8)
+        dist.broadcast(buf, src=owner[name], group=_cpu_group())
+        arrays[name] = buf.numpy()

@@ -29,7 +29,7 @@ from .awq import AWQConfig
 from .calib import BUILTIN, DEFAULT_SOURCE, CalibConfig, Calibration, prepare_calibration
 from .codecs import REGISTRY
 from .config import QuantConfig
-from .distributed import all_reduce_stats
+from .distributed import all_reduce_stats, owners, share, world
 from .encoding import EncoderConfig, Target, encode_tensor
 from .errors import LlmqError
 from .gptq import feedback_factor
@@ -228,7 +228,7 @@ def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[La
                     if work is not None:  # keep it: the layer, then the next layer's inputs
                         with prog.phase(f"layer {index}", "write"):
                             work.save_layer(index, {_kept_name(i): _kept(i) for i in items}, report)
-                            if flow is not None:
+                            if flow is not None and work.activations_due():
                                 work.save_activations(index + 1, flow.store)
                     reports.append(report)
                     del layer, items
@@ -326,28 +326,12 @@ def _layer(
     if arch.experts is not None:  # the stacked experts as GGUF holds them: gate, up, down
         params.update(arch.experts.views(params))
     prefix = arch.layer_prefix.format(i=index)
-    encoded: dict[str, Encoded] = {}
-    factors: dict[str, np.ndarray | torch.Tensor] = {}
-    items = []
-    for p in plans:  # encode, hand to sinks
-        t = params[p.source.removeprefix(prefix)].detach()
-        item = Encoded(p, t, encoder=job.encoder)
-        items.append(item)
-        if p.role == "linear":
-            name = job.module_name(p)
-            item.importance = report.importance.get(name)
-            if item.importance is None and job.imatrix is not None:
-                item.importance = job.imatrix.entries.get(p.name)
-            with prog.phase(what, "encode"):
-                item.data = encode_tensor(
-                    p,
-                    t,
-                    item.importance,
-                    encoder=job.encoder,
-                    factor=_factor(job, stats, factors, name, targets[name]),
-                )
-            encoded[name] = item
-        with prog.phase(what, "write"):
+    items = [Encoded(p, params[p.source.removeprefix(prefix)].detach(), encoder=job.encoder) for p in plans]
+    encoded = {job.module_name(i.plan): i for i in items if i.plan.role == "linear"}
+    with prog.phase(what, "encode"):
+        _encode(job, encoded, report, stats, targets)
+    with prog.phase(what, "write"):  # hand to sinks
+        for item in items:
             for s in tensor_sinks:
                 s.write(job, item)
     if flow is not None and job.awq.inputs == "quant":  # next inputs from the layer as quantized
@@ -357,9 +341,40 @@ def _layer(
                     layer.get_submodule(name).weight.copy_(item.values())
             flow.advance(layer)
     if report.details:
-        log.info("layer %d: %s", index, layer_line(report))
-    del params, stats, encoded, factors  # free before the next layer
+        log.info("layer %d: %s", index, report.line())
+    del params, stats, encoded  # free before the next layer
     return report, items
+
+
+def _encode(
+    job: Job,
+    encoded: dict[str, Encoded],
+    report: LayerReport,
+    stats: dict[str, InputStats] | None,
+    targets: dict[str, Target],
+) -> None:
+    """Encode a layer's linears (by module name) in place: under torchrun each process its share
+    (`distributed.owners`), then every process gets every linear's bytes (`distributed.share`)."""
+    owner = owners({name: item.plan.nbytes for name, item in encoded.items()})
+    rank = world()[0]
+    factors: dict[str, np.ndarray | torch.Tensor] = {}
+    for name, item in encoded.items():
+        item.importance = report.importance.get(name)
+        if item.importance is None and job.imatrix is not None:
+            item.importance = job.imatrix.entries.get(item.plan.name)
+        if owner[name] == rank:
+            factor = _factor(job, stats, factors, name, targets[name])
+            item.data = encode_tensor(
+                item.plan, item.tensor, item.importance, encoder=job.encoder, factor=factor
+            )
+    if world()[1] > 1:
+        data = {name: item.data for name, item in encoded.items()}
+        codec = {name: REGISTRY[item.plan.codec] for name, item in encoded.items()}
+        share(
+            data, owner, {name: codec[name].byte_shape(tuple(i.tensor.shape)) for name, i in encoded.items()}
+        )
+        for name, item in encoded.items():
+            item.data = data[name]
 
 
 def _factor(
@@ -389,17 +404,3 @@ def _factor_of(
         gram, st.gram = st.gram, None  # type: ignore[assignment]  # its last use: factored in its memory
         factors[reader] = feedback_factor(gram, overwrite=True, on_device=True)  # a GPU's stays there
     return factors[reader]
-
-
-def layer_line(report: LayerReport) -> str:
-    """One log line of a layer's search: each group's loss before/after and alpha, the mean clip ratio."""
-    parts = []
-    for g in report.details.get("scales", []):
-        if "loss_before" in g:
-            alpha = "none" if g.get("fallback") else f"{g['alpha']:.2f}"
-            parts.append(f"{g['prev']}: loss {g['loss_before']:.4g} -> {g['loss_after']:.4g} (alpha {alpha})")
-    clips = report.details.get("clip", {})
-    if clips:
-        ratios = [c["mean_ratio"] for c in clips.values()]
-        parts.append(f"clip mean ratio {sum(ratios) / len(ratios):.3f}")
-    return "; ".join(parts)

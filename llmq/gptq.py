@@ -19,6 +19,8 @@ from .errors import LlmqError
 DAMP = 0.01  # GPTQ's dampening: this fraction of H's mean diagonal is added to the diagonal
 BLOCK = 128  # columns whose updates are applied lazily together (GPTQ's block)
 FACTOR_COLUMNS = 1024  # columns of the feedback factor inverted per step (bounds the scratch)
+# NumPy's column loop runs compiled (`llmq.gptq_jit`, same codes); False: one NumPy call per column
+COMPILED = True
 
 
 def flip_(a: torch.Tensor, step: int = 1024) -> torch.Tensor:
@@ -57,7 +59,8 @@ def feedback_factor(
         ``U`` ``(K, K)`` float32: NumPy, or a tensor on ``gram``'s GPU with ``on_device``.
     """
     h = torch.as_tensor(gram)
-    if h.ndim != 2 or h.shape[0] != h.shape[1] or not bool(torch.isfinite(h).all()):
+    # a sum is finite when every entry is (short of overflow): no (K, K) mask of a 14336-wide Gram
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or not bool(torch.isfinite(h.sum(dtype=torch.float64))):
         raise LlmqError(
             f"error feedback needs a finite square input second moment, got shape {tuple(h.shape)}"
         )
@@ -81,8 +84,12 @@ def feedback_factor(
         ujj = torch.linalg.solve_triangular(
             u[a:b, a:b].contiguous(), torch.eye(b - a, dtype=u.dtype, device=u.device), upper=True
         )
-        if a:  # U[:a, a:b] = -U[:a, :a] V[:a, a:b] U_jj, with U[:a, :a] already inverted
-            u[:a, a:b] = -((u[:a, :a] @ u[:a, a:b]) @ ujj)
+        if a:  # U[:a, a:b] = -U[:a, :a] V[:a, a:b] U_jj, with U[:a, :a] already inverted (upper:
+            # each block of its rows starts at its diagonal)
+            prod = torch.empty(a, b - a, dtype=u.dtype, device=u.device)
+            for r in range(0, a, FACTOR_COLUMNS):
+                prod[r : r + FACTOR_COLUMNS] = u[r : r + FACTOR_COLUMNS, r:a] @ u[r:a, a:b]
+            u[:a, a:b] = -(prod @ ujj)
         u[a:b, a:b] = ujj
     return u if on_device and u.device.type != "cpu" else u.cpu().numpy()
 
@@ -131,13 +138,21 @@ def encode_feedback(
     for a in range(0, k, BLOCK):
         b = min(a + BLOCK, k)
         wb, err, u = w[:, a:b].copy(), np.zeros((rows, b - a), np.float32), factor[a:b, a:b]
-        for j in range(b - a):
-            col, s, o = wb[:, j], step[:, a + j], offset[:, a + j]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                q = np.where(live[:, a + j], np.clip(np.rint((col - o) / s), lo, hi), out[:, a + j])
-            out[:, a + j] = q
-            err[:, j] = (col - (s * q + o)) / u[j, j]
-            wb[:, j:] -= np.outer(err[:, j], u[j, j:])
+        if COMPILED:  # the same loop, a row at a time (`gptq_jit`)
+            from . import gptq_jit  # numba's import only where it is used
+
+            block = (np.ascontiguousarray(v[:, a:b]) for v in (step, offset, live, out))
+            sb, ob, lb, qb = block
+            gptq_jit.feedback_block(wb, err, np.ascontiguousarray(u), sb, ob, lb, qb, lo, hi)
+            out[:, a:b] = qb
+        else:
+            for j in range(b - a):
+                col, s, o = wb[:, j], step[:, a + j], offset[:, a + j]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    q = np.where(live[:, a + j], np.clip(np.rint((col - o) / s), lo, hi), out[:, a + j])
+                out[:, a + j] = q
+                err[:, j] = (col - (s * q + o)) / u[j, j]
+                wb[:, j:] -= np.outer(err[:, j], u[j, j:])
         w[:, b:] -= err @ factor[a:b, b:]
     return codec.with_codes(data, out.reshape(data.shape[0], -1)).reshape(codec.byte_shape(x.shape))
 

@@ -89,14 +89,13 @@ def search(
     targets: dict[str, Target],
     arch: ArchSpec,
     cfg: Any,
-    candidate_scales: Callable[..., Any],
-    scale_losses: Callable[..., list[float]],
+    best_scale: Callable[..., Any],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Scale the block (norm -> router, gates, ups; each expert's up -> down) in place.
 
     Args:
         layer, stats, targets, arch, cfg: as `llmq.awq.AWQSearch.run` has them (``cfg``: its `AWQConfig`).
-        candidate_scales, scale_losses: the scale search's grid and scoring (`llmq.awq`).
+        best_scale: the scale search of one group (`llmq.awq.best_scale`).
 
     Returns:
         (report details: per-expert token counts and the groups' results, importance per stacked
@@ -117,18 +116,15 @@ def search(
     ws = [gu[:, :inter].reshape(-1, gu.shape[2]), gu[:, inter:].reshape(-1, gu.shape[2])]
     ts = [targets[gate_name], targets[up_name]]
     if cfg.scale:
-        alphas, cands = candidate_scales(ws, ts, st, cfg)
-        base, *values = scale_losses(ws, ts, st, [None, *cands], cfg.sample_rows, cfg.exact_scoring)
-        best = min(range(len(values)), key=lambda i: (values[i], i))
-        info: dict[str, Any] = {"prev": experts.norm, "loss_before": base, "alpha": None}
-        if values[best] < base:
-            s = cands[best]
-            fold_block(layer, experts, s, arch.norm_offset)
+        choice = best_scale(ws, ts, st, cfg)
+        info: dict[str, Any] = {"prev": experts.norm, "loss_before": choice.base, "alpha": None}
+        if choice.s is not None:
+            fold_block(layer, experts, choice.s, arch.norm_offset)
             for name in (block_name, *inputs):
-                stats[name].divide(s)
-            info.update(alpha=alphas[best], loss_after=values[best])
+                stats[name].divide(choice.s)
+            info.update(alpha=choice.alpha, loss_after=choice.loss)
         else:
-            info.update(loss_after=base, fallback=True)
+            info.update(loss_after=choice.base, fallback=True)
         details["norm"] = info
 
     # each expert's up -> down, on its routed tokens
@@ -141,14 +137,11 @@ def search(
             continue
         st_e, w = stats[downs[e]], ex.down_proj.data[e]
         t = [targets[down_name]]
-        alphas, cands = candidate_scales([w], t, st_e, cfg)
-        base, *values = scale_losses([w], t, st_e, [None, *cands], cfg.sample_rows, cfg.exact_scoring)
-        best = min(range(len(values)), key=lambda i: (values[i], i))
-        if values[best] < base:
-            s = cands[best]
-            fold_expert(layer, experts, e, s)
-            st_e.divide(s)
-            scaled.append(alphas[best])
+        choice = best_scale([w], t, st_e, cfg)
+        if choice.s is not None:
+            fold_expert(layer, experts, e, choice.s)
+            st_e.divide(choice.s)
+            scaled.append(choice.alpha)
     details["down_alpha_mean"] = float(np.mean(scaled)) if scaled else None
     if details["unscaled"]:
         log.info("experts %s saw fewer than %d tokens: not scaled", details["unscaled"], MIN_TOKENS)

@@ -3,10 +3,11 @@
 ``OUT.llmq-work/`` holds ``manifest.json`` (what the run depends on: checkpoint files, settings,
 calibration tokens), one ``layer-NNNNN.safetensors`` per finished decoder layer (each linear's
 encoded blocks, the other tensors' values after the search, the layer's search report) and
-``acts-NNNNN.bin``, the calibration activations entering layer N. Each file is written to a
-temporary name and renamed, layer file before activations, so after a kill at any point the
-directory describes a consistent prefix of the run; ``--resume`` replays that prefix into fresh
-outputs and computes the rest, giving the bytes of an uninterrupted run.
+``acts-NNNNN.bin``, the calibration activations entering layer N (kept every `ACTS_INTERVAL`
+seconds, the latest only). Each file is written to a temporary name and renamed, layer file before
+activations, so after a kill at any point the directory describes a consistent prefix of the run;
+``--resume`` replays the layers before the kept activations into fresh outputs and computes the
+rest, giving the bytes of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUFFIX = ".llmq-work"
+# Seconds between copies of the calibration activations (a mini-batch file per window set, ~1 GB
+# for an 8B model's 128 x 512 windows): a killed run redoes at most this much plus one layer, and
+# short layers (SmolLM2's ~4 s) do not each pay for a copy.
+ACTS_INTERVAL = 60.0
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "config.json")
 
 
@@ -84,6 +90,7 @@ def run_key(
             "tokens": hashlib.sha256(tokens.tobytes()).hexdigest(),
             "shape": list(tokens.shape),
             "batch_size": calibration.config.batch_size,
+            "forward_dtype": calibration.config.forward_dtype,
         }
     return key
 
@@ -116,6 +123,7 @@ class WorkDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._acts_time = time.monotonic()
 
     @classmethod
     def open(cls, path: Path, key: dict[str, Any], *, resume: bool, overwrite: bool) -> WorkDir:
@@ -168,13 +176,20 @@ class WorkDir:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         os.replace(tmp, final)
 
+    def activations_due(self) -> bool:
+        """Whether `ACTS_INTERVAL` has passed since the activations were last kept (or the run began)."""
+        return time.monotonic() - self._acts_time >= ACTS_INTERVAL
+
     def save_activations(self, index: int, store: ActivationStore) -> None:
-        """Keep the activations entering layer ``index``; drop the previous layer's."""
+        """Keep the activations entering layer ``index``; drop those kept before."""
         final = self.acts_file(index)
         tmp = final.with_name(f".{final.name}.partial")
         store.save(tmp)
         os.replace(tmp, final)
-        self.acts_file(index - 1).unlink(missing_ok=True)
+        for old in self.path.glob("acts-*.bin"):
+            if old != final:
+                old.unlink(missing_ok=True)
+        self._acts_time = time.monotonic()
 
     def load_layer(self, index: int) -> tuple[dict[str, torch.Tensor], LayerReport]:
         """A finished layer's tensors (as `save_layer` got them) and report."""

@@ -37,6 +37,21 @@ class LayerReport:
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "method": self.method, **self.details}
 
+    def line(self) -> str:
+        """One log line: each scale group's loss before/after and alpha, the mean clip ratio."""
+        parts = []
+        for g in self.details.get("scales", []):
+            if "loss_before" in g:
+                alpha = "none" if g.get("fallback") else f"{g['alpha']:.2f}"
+                parts.append(
+                    f"{g['prev']}: loss {g['loss_before']:.4g} -> {g['loss_after']:.4g} (alpha {alpha})"
+                )
+        clips = self.details.get("clip", {})
+        if clips:
+            ratios = [c["mean_ratio"] for c in clips.values()]
+            parts.append(f"clip mean ratio {sum(ratios) / len(ratios):.3f}")
+        return "; ".join(parts)
+
 
 class Search(Protocol):
     """Interface of a search step."""

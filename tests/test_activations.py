@@ -41,6 +41,51 @@ def test_streamed_layers_reproduce_the_full_model(tmp_path: Path) -> None:
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_a_bfloat16_forward_keeps_float32_statistics(tmp_path: Path) -> None:
+    """`CalibConfig.forward_dtype` ``bfloat16``: the layer's products run under autocast (outputs
+    within bfloat16's rounding of float32's, not equal), the Gram sums stay float32 products of
+    what each linear reads, and the statistics agree to bfloat16's precision."""
+    from llmq.activations import capture_inputs
+
+    model_dir = make_tiny_llama(tmp_path / "m", n_layers=1, dtype=torch.float32)
+    ckpt = llmq.Checkpoint(model_dir)
+    arch = llmq.get_arch(ckpt.config)
+    layer = next(iter(llmq.LayerStream(ckpt, arch)))[1]
+    x = torch.randn(2, 16, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    outs, stats = [], []
+    for dtype in ("float32", "bfloat16"):
+        runner = LayerRunner(ckpt.config, arch, forward_dtype=dtype)
+        store = ActivationStore(2, 16, ckpt.config.hidden_size, batch_size=2, directory=str(tmp_path))
+        store.write(0, x)
+        stats.append(capture_inputs(layer, arch.capture_modules, store, runner, write_outputs=True))
+        outs.append(store.read(0))
+        assert outs[-1].dtype == torch.float32
+    assert not torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)
+    for name in arch.capture_modules:
+        g32, g16 = stats[0][name].gram, stats[1][name].gram
+        assert g16.dtype == torch.float32
+        torch.testing.assert_close(g16, g32, rtol=0.05, atol=0.05 * float(g32.abs().max()))
+    q = stats[1]["self_attn.q_proj"]  # reads the norm's float32 output: the same Gram, bit for bit
+    assert torch.equal(q.gram, stats[0]["self_attn.q_proj"].gram)
+    with pytest.raises(LlmqError, match="forward_dtype"):
+        CalibConfig("x", forward_dtype="float16")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_forward_dtype_is_bfloat16_where_the_cpu_has_it(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmq.activations import resolve_forward_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert resolve_forward_dtype("auto", cpu) == ("bfloat16" if native else "float32")
+    assert resolve_forward_dtype("float32", cpu) == "float32"
+    assert resolve_forward_dtype("bfloat16", cpu) == "bfloat16"
+
+
 def test_store_round_trips_batches(tmp_path: Path) -> None:
     store = ActivationStore(5, 4, 3, batch_size=2, directory=str(tmp_path))
     data = torch.randn(5, 4, 3)

@@ -1,5 +1,5 @@
 """Calibration split across two gloo processes (``torchrun``): the single-process search and file, within
-floating-point tolerance; process 0 alone writes."""
+floating-point tolerance; each process encodes its share of the linears; process 0 alone writes."""
 
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ from tiny_models import make_tiny_llama
 from llmq.codecs import REGISTRY
 
 SCRIPT = """
-import sys, torch, llmq
+import json, os, sys, torch, llmq
+import llmq.engine as engine
 from llmq.awq import AWQConfig
 src, out = sys.argv[1], sys.argv[2]
+calls, encode = [], engine.encode_tensor  # which tensors this process encodes
+engine.encode_tensor = lambda plan, *a, **k: (calls.append(plan.name), encode(plan, *a, **k))[1]
 tokens = torch.randint(3, 250, (8, 32), generator=torch.Generator().manual_seed(0))
 # next inputs from the FP layer: a code that rounds the other way in one layer does not move the next
 llmq.convert(src, out, llmq.QuantConfig(quant="Q4_0"), calib=tokens, awq=AWQConfig(inputs="fp"),
              overwrite=True, progress=False, write_card=False)
+with open(f"{out}.calls{os.environ.get('RANK', '0')}", "w") as f:
+    json.dump(calls, f)
 """
 
 
@@ -53,6 +58,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def test_owners_balance_the_bytes_the_same_way_in_every_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmq import distributed
+
+    sizes = {"q": 40, "k": 10, "v": 10, "o": 40, "gate": 140, "up": 140, "down": 140}
+    monkeypatch.setattr(distributed, "world", lambda: (0, 1))
+    assert set(distributed.owners(sizes).values()) == {0}
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    owner = distributed.owners(sizes)
+    assert owner == distributed.owners(dict(reversed(sizes.items())))  # not by the order given
+    load = [sum(n for k, n in sizes.items() if owner[k] == r) for r in (0, 1)]
+    assert load == [280, 240]  # largest first, each to the lighter process
+
+
 def test_two_gloo_processes_give_the_single_process_search(tiny: Path, tmp_path: Path) -> None:
     script = tmp_path / "convert.py"
     script.write_text(SCRIPT)
@@ -62,6 +80,12 @@ def test_two_gloo_processes_give_the_single_process_search(tiny: Path, tmp_path:
          str(script), str(tiny), str(tmp_path / "two.gguf")],
         tmp_path,
     )  # fmt: skip
+    # each process encoded its share of the linears, process 0 the rest of the file too
+    single = json.loads((tmp_path / "one.gguf.calls0").read_text())
+    calls = [json.loads((tmp_path / f"two.gguf.calls{r}").read_text()) for r in (0, 1)]
+    assert calls[1] and not set(calls[0]) & set(calls[1])
+    assert sorted(calls[0] + calls[1]) == sorted(single)
+    assert all(".attn_" in n or ".ffn_" in n for n in calls[1])
     one = json.loads((tmp_path / "one.search.json").read_text())
     two = json.loads((tmp_path / "two.search.json").read_text())
     for a, b in zip(one["layers"], two["layers"], strict=True):

@@ -94,6 +94,28 @@ def test_feedback_with_independent_inputs_is_nearest_rounding(name: str) -> None
     assert (fed != plain).mean() < 0.01, name
 
 
+@pytest.mark.parametrize("name", GRID)
+def test_the_compiled_column_loop_gives_numpys_codes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gptq_jit.feedback_block` replays NumPy's per-column loop row by row: the same bytes, dead
+    values (zero steps) and outlier rows included."""
+    from llmq import gptq
+
+    codec = REGISTRY[name]
+    k = 768  # six blocks of 128 columns over three super-blocks
+    x, h = _correlated(k, 2048, 11)
+    w = np.random.default_rng(12).standard_normal((24, k)).astype(np.float32)
+    w[3, :256] = 0.0  # zero steps
+    w[5] *= 1e3
+    factor = feedback_factor(h)
+    imp = np.diag(h).astype(np.float32)
+    monkeypatch.setattr(gptq, "COMPILED", False)
+    want = encode_feedback(codec, w, factor, imp, refine=False)
+    monkeypatch.setattr(gptq, "COMPILED", True)
+    got = encode_feedback(codec, w, factor, imp, refine=False)
+    assert not np.array_equal(want, codec.encode(w, imp))  # feedback re-chose codes
+    np.testing.assert_array_equal(got, want)
+
+
 def test_feedback_factor_inverts_the_damped_second_moment() -> None:
     _, h = _correlated(64, 1024, 5)
     h[:, 7] = h[7, :] = 0  # a dead input column

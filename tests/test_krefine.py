@@ -91,3 +91,34 @@ def test_awq_refine_through_the_cli(tmp_path: Path) -> None:
         if t.tensor_type.name in REFINED:
             changed += t.data.tobytes() != other.data.tobytes()
     assert changed > 0
+
+
+@pytest.mark.parametrize("name", REFINED)
+def test_the_compiled_search_gives_the_array_versions_bytes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NumPy inputs take `krefine_jit`'s per-sub-block descent: byte for byte the array version's choices,
+    on grid rows, Gaussian rows with outliers, tiny and huge scales, and zero super-blocks."""
+    from llmq.codecs import krefine
+
+    codec = REGISTRY[name]
+    gen = np.random.default_rng(6)
+    x = np.concatenate(
+        [
+            _grid_rows(32, 1024, 7),
+            gen.standard_normal((32, 1024)).astype(np.float32)
+            * gen.uniform(1e-6, 1e3, (32, 1)).astype(np.float32),
+        ]
+    )
+    x[:, ::61] *= 40  # outliers, so some sub-blocks' neighbours clamp
+    x[1, :256] = 0.0
+    x[2, 256:512] = 1e-30  # scales that round to zero in f16
+    imp = gen.uniform(0.01, 4.0, 1024).astype(np.float32) ** 2
+    for importance in (imp, None):
+        data = codec.encode(x, importance)
+        monkeypatch.setattr(krefine, "COMPILED", False)
+        want = codec.refine(x, importance, data)
+        monkeypatch.setattr(krefine, "COMPILED", True)
+        got = codec.refine(x, importance, data)
+        assert not np.array_equal(want.reshape(-1), data.reshape(-1))  # the search moved something
+        np.testing.assert_array_equal(got, want)

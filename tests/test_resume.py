@@ -27,6 +27,7 @@ import os, signal, sys
 import llmq, llmq.resume, llmq.activations, llmq.awq, llmq.writers.safetensors
 model, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 calls = {"n": 0}
+llmq.resume.ACTS_INTERVAL = float(os.environ.get("ACTS_INTERVAL", "0"))  # 0: activations after every layer
 
 def killer(cls, name):
     original = getattr(cls, name)
@@ -91,8 +92,8 @@ def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return _outputs(out)
 
 
-def _child(model: Path, out: Path, point: str, n: int, *, resume: bool = False) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _child(model: Path, out: Path, point: str, n: int, *, resume: bool = False, interval: float = 0) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACTS_INTERVAL": str(interval)}
     args = [sys.executable, "-c", CHILD, str(model), str(out), point, str(n)] + (["resume"] if resume else [])
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
     if done.returncode not in (0, -9):
@@ -125,6 +126,20 @@ def test_killed_run_resumes_to_the_same_bytes(
     assert not work.exists() and not list(tmp_path.glob(".*.partial"))
 
 
+def test_activations_kept_at_an_interval_resume_from_the_last_copy(
+    tiny: Path, tmp_path: Path, reference: dict[str, str]
+) -> None:
+    """Activations are copied every `ACTS_INTERVAL` seconds: layers finished after the last copy are
+    computed again on resume (their kept files replaced by the same bytes)."""
+    out = tmp_path / "q.gguf"
+    assert _child(tiny, out, "search", 3, interval=1e9) == -9
+    work = WorkDir(work_path(out))
+    assert work.layer_file(1).is_file() and not list(work.path.glob("acts-*.bin"))
+    assert work.resume_point(needs_activations=True) == 0
+    assert _child(tiny, out, "none", 0, resume=True) == 0
+    assert _outputs(out) == reference
+
+
 def test_resume_refuses_other_settings_and_a_plain_rerun_refuses_the_work_dir(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -155,6 +170,7 @@ def test_full_disk_keeps_the_work_dir_and_resume_continues(
         return original(self, index, tensors, report)
 
     monkeypatch.setattr(WorkDir, "save_layer", full)
+    monkeypatch.setattr(llmq.resume, "ACTS_INTERVAL", 0.0)  # activations after every layer
     calib = llmq.CalibConfig("self", n_samples=4, seqlen=32, batch_size=2)
     cfg = llmq.QuantConfig(bits=4, group_size=64)
     with pytest.raises(OSError, match="No space left"):

@@ -20,6 +20,8 @@ from .quants_math import seq_sum
 from .xp import Array, array_namespace, bitcast, const, contiguous, device
 
 PASSES = 3  # sweeps over the neighbours; a fourth changes almost nothing on SmolLM2's ffn_down
+# NumPy inputs take the compiled descent of `krefine_jit` (same bytes); False: the array version
+COMPILED = True
 
 
 def _search(
@@ -77,8 +79,14 @@ def refine_k4(blocks: Array, weights: Array, data: Array, nmax: int, pack: Calla
     def error(s: Array, m: Array) -> Array:
         return _weighted_error(w, x, codes(s, m)[1])
 
-    steps = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
-    sc, mn = _search(error, sc, mn, steps, 0, 63)
+    if COMPILED and isinstance(x, np.ndarray):  # the same descent, compiled (`krefine_jit`)
+        x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
+        from . import krefine_jit  # numba's import only where it is used
+
+        krefine_jit.search_k4(x, w, d.ravel(), dmin.ravel(), sc, mn, nmax, PASSES)
+    else:
+        steps = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
+        sc, mn = _search(error, sc, mn, steps, 0, 63)
     q = codes(sc, mn)[0].reshape(n, 256)
     header = xp.concat(
         [data[:, :4], pack_scale_min_k4(xp.astype(sc, xp.uint8), xp.astype(mn, xp.uint8))], axis=1
@@ -106,7 +114,14 @@ def refine_q6(blocks: Array, weights: Array, data: Array, pack: Callable[..., Ar
     def error(s: Array, _m: Array) -> Array:
         return _weighted_error(w, x, codes(s)[1])
 
-    sc, _ = _search(error, sc, xp.zeros_like(sc), [(-2, 0), (-1, 0), (1, 0), (2, 0)], -128, 127)
+    if COMPILED and isinstance(x, np.ndarray):  # the same descent, compiled (`krefine_jit`)
+        sc = np.ascontiguousarray(sc)
+        x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
+        from . import krefine_jit
+
+        krefine_jit.search_q6(x, w, d.ravel(), sc, PASSES)
+    else:
+        sc, _ = _search(error, sc, xp.zeros_like(sc), [(-2, 0), (-1, 0), (1, 0), (2, 0)], -128, 127)
     q = codes(sc)[0].reshape(n, 256)
     out = pack(q, xp.astype(sc, xp.int8), contiguous(data[:, 208:210]))
     return xp.where(d == 0, data, out)
