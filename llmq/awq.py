@@ -252,7 +252,7 @@ def best_scale(ws: list[torch.Tensor], targets: list[Target], st: InputStats, cf
     def best() -> int:
         return min((i for i in losses if i >= 0), key=lambda i: (losses[i], i))
 
-    stride = max(1, cfg.coarse_stride)
+    stride = cfg.coarse_stride
     score([-1, *range(0, len(cands), stride)])
     c = best()
     score(list(range(max(0, c - stride + 1), min(len(cands), c + stride))))

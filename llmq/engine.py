@@ -356,7 +356,7 @@ def _encode(
     """Encode a layer's linears (by module name) in place: under torchrun each process its share
     (`distributed.owners`), then every process gets every linear's bytes (`distributed.share`)."""
     owner = owners({name: item.plan.nbytes for name, item in encoded.items()})
-    rank = world()[0]
+    rank, size = world()
     factors: dict[str, np.ndarray | torch.Tensor] = {}
     for name, item in encoded.items():
         item.importance = report.importance.get(name)
@@ -367,12 +367,10 @@ def _encode(
             item.data = encode_tensor(
                 item.plan, item.tensor, item.importance, encoder=job.encoder, factor=factor
             )
-    if world()[1] > 1:
+    if size > 1:
         data = {name: item.data for name, item in encoded.items()}
-        codec = {name: REGISTRY[item.plan.codec] for name, item in encoded.items()}
-        share(
-            data, owner, {name: codec[name].byte_shape(tuple(i.tensor.shape)) for name, i in encoded.items()}
-        )
+        shapes = {n: REGISTRY[i.plan.codec].byte_shape(tuple(i.tensor.shape)) for n, i in encoded.items()}
+        share(data, owner, shapes)
         for name, item in encoded.items():
             item.data = data[name]
 

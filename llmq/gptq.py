@@ -141,8 +141,7 @@ def encode_feedback(
         if COMPILED:  # the same loop, a row at a time (`gptq_jit`)
             from . import gptq_jit  # numba's import only where it is used
 
-            block = (np.ascontiguousarray(v[:, a:b]) for v in (step, offset, live, out))
-            sb, ob, lb, qb = block
+            sb, ob, lb, qb = (np.ascontiguousarray(v[:, a:b]) for v in (step, offset, live, out))
             gptq_jit.feedback_block(wb, err, np.ascontiguousarray(u), sb, ob, lb, qb, lo, hi)
             out[:, a:b] = qb
         else:

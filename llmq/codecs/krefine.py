@@ -49,6 +49,31 @@ def _search(
     return sc, mn
 
 
+def _search_compiled(
+    x: np.ndarray,
+    w: np.ndarray,
+    d: np.ndarray,
+    dmin: np.ndarray,
+    sc: np.ndarray,
+    mn: np.ndarray,
+    steps: list[tuple[int, int]],
+    lo: int,
+    hi: int,
+    qlo: int,
+    qhi: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_search` of NumPy sub-blocks ``x``/``w`` ``(n, subs, size)`` decoding ``d * sc * q - dmin * mn``
+    (codes in ``[qlo, qhi]``), compiled by `krefine_jit`: the same choices."""
+    from . import krefine_jit  # numba's import only where it is used
+
+    sc, mn = np.array(sc, np.int32), np.array(mn, np.int32)
+    krefine_jit.search(
+        np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32), d.ravel(), dmin.ravel(),
+        sc, mn, np.array(steps, np.int32), lo, hi, qlo, qhi, PASSES,
+    )  # fmt: skip
+    return sc, mn
+
+
 def _weighted_error(w: Array, x: Array, y: Array) -> Array:
     """``sum(w * (x - y)^2)`` over the last axis, one term at a time in float32: the same bits everywhere."""
     xp = array_namespace(x)
@@ -79,13 +104,10 @@ def refine_k4(blocks: Array, weights: Array, data: Array, nmax: int, pack: Calla
     def error(s: Array, m: Array) -> Array:
         return _weighted_error(w, x, codes(s, m)[1])
 
-    if COMPILED and isinstance(x, np.ndarray):  # the same descent, compiled (`krefine_jit`)
-        x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
-        from . import krefine_jit  # numba's import only where it is used
-
-        krefine_jit.search_k4(x, w, d.ravel(), dmin.ravel(), sc, mn, nmax, PASSES)
+    steps = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
+    if COMPILED and isinstance(x, np.ndarray):  # the same descent, compiled
+        sc, mn = _search_compiled(x, w, d, dmin, sc, mn, steps, 0, 63, 0, nmax)
     else:
-        steps = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
         sc, mn = _search(error, sc, mn, steps, 0, 63)
     q = codes(sc, mn)[0].reshape(n, 256)
     header = xp.concat(
@@ -114,14 +136,11 @@ def refine_q6(blocks: Array, weights: Array, data: Array, pack: Callable[..., Ar
     def error(s: Array, _m: Array) -> Array:
         return _weighted_error(w, x, codes(s)[1])
 
-    if COMPILED and isinstance(x, np.ndarray):  # the same descent, compiled (`krefine_jit`)
-        sc = np.ascontiguousarray(sc)
-        x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
-        from . import krefine_jit
-
-        krefine_jit.search_q6(x, w, d.ravel(), sc, PASSES)
+    steps = [(-2, 0), (-1, 0), (1, 0), (2, 0)]
+    if COMPILED and isinstance(x, np.ndarray):  # the same descent, compiled; no mins
+        sc, _ = _search_compiled(x, w, d, np.zeros_like(d), sc, np.zeros_like(sc), steps, -128, 127, -32, 31)
     else:
-        sc, _ = _search(error, sc, xp.zeros_like(sc), [(-2, 0), (-1, 0), (1, 0), (2, 0)], -128, 127)
+        sc, _ = _search(error, sc, xp.zeros_like(sc), steps, -128, 127)
     q = codes(sc)[0].reshape(n, 256)
     out = pack(q, xp.astype(sc, xp.int8), contiguous(data[:, 208:210]))
     return xp.where(d == 0, data, out)
