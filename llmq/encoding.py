@@ -9,6 +9,7 @@ importance-weighted encoders) and ``gram`` (the input's second moment: error-fee
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import overload
@@ -154,6 +155,23 @@ CHUNK_VALUES = 1 << 21
 ENCODE_THREADS = max(1, torch.get_num_threads())
 
 
+_scratch = threading.local()
+
+
+def _float32(rows: torch.Tensor) -> np.ndarray:
+    """``rows`` as float32 NumPy: a view when they already are, else a copy into this thread's reused
+    buffer (fresh pages for every slab cost the kernel more than the conversion). Valid until the
+    thread's next call."""
+    if rows.dtype == torch.float32 and rows.is_contiguous():
+        return rows.numpy()
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < rows.numel():
+        buf = _scratch.buf = torch.empty(rows.numel(), dtype=torch.float32)
+    view = buf[: rows.numel()].view(rows.shape)
+    view.copy_(rows)
+    return view.numpy()
+
+
 def encode_tensor(
     plan: TensorPlan,
     t: torch.Tensor,
@@ -191,12 +209,12 @@ def encode_tensor(
         out = _refine_and_feed_back(target, rows, importance, factor, first)
         return out.reshape(codec.byte_shape(tuple(t.shape)))
     out = np.empty(codec.byte_shape(tuple(rows.shape)), dtype=np.uint8)
-    # error feedback loops over columns in Python: bigger slabs, fewer steps
+    # error feedback loops over columns in Python: bigger slabs, fewer steps. The slab size must not
+    # depend on the thread count: BLAS sums a row's products in an order that depends on the rows.
     step = max(1, (CHUNK_VALUES * (4 if factor is not None else 1)) // rows.shape[1])
 
     def slab(start: int) -> None:
-        x = np.ascontiguousarray(rows[start : start + step].to(torch.float32).numpy())
-        out[start : start + step] = target.encode(x, importance, factor)
+        out[start : start + step] = target.encode(_float32(rows[start : start + step]), importance, factor)
 
     starts = range(0, rows.shape[0], step)
     if (factor is not None or target.uses_libggml()) and len(starts) > 1:  # BLAS and C release the GIL

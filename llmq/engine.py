@@ -204,7 +204,8 @@ def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[La
             raise LlmqError(f"method {job.search.name} needs calibration data")
         flow = CalibrationFlow.from_checkpoint(job.calibration, job.ckpt, job.arch, device=job.device)
     tensor_sinks = [s for s in sinks if s.wants_tensors]
-    stream = LayerStream(job.ckpt, job.arch)
+    # without forwards the layer keeps the checkpoint's dtype: each encoded slab is converted alone
+    stream = LayerStream(job.ckpt, job.arch, dtype=torch.float32 if flow is not None else None)
     start = 0 if work is None else work.resume_point(needs_activations=flow is not None)
     if start:
         log.warning("resuming: layers 0-%d are kept in %s", start - 1, work.path)  # type: ignore[union-attr]

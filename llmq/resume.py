@@ -4,8 +4,9 @@
 calibration tokens), one ``layer-NNNNN.safetensors`` per finished decoder layer (each linear's
 encoded blocks, the other tensors' values after the search, the layer's search report) and
 ``acts-NNNNN.bin``, the calibration activations entering layer N (kept every `ACTS_INTERVAL`
-seconds, the latest only). Each file is written to a temporary name and renamed, layer file before
-activations, so after a kill at any point the directory describes a consistent prefix of the run;
+seconds, the latest only). Each file is written (layers in the background, while the next layer
+computes) to a temporary name and renamed, every layer file before the activations that follow it,
+so after a kill at any point the directory describes a consistent prefix of the run;
 ``--resume`` replays the layers before the kept activations into fresh outputs and computes the
 rest, giving the bytes of an uninterrupted run.
 """
@@ -26,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .background import Background
 from .errors import LlmqError, OutputExistsError
 from .search import LayerReport
 
@@ -124,6 +126,7 @@ class WorkDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._acts_time = time.monotonic()
+        self._io = Background("work-write", max_pending=2)  # layers kept while the next one computes
 
     @classmethod
     def open(cls, path: Path, key: dict[str, Any], *, resume: bool, overwrite: bool) -> WorkDir:
@@ -160,6 +163,7 @@ class WorkDir:
 
     def resume_point(self, *, needs_activations: bool) -> int:
         """How many leading layers are done (with, if the run needs them, their next inputs kept)."""
+        self._io.settle()  # layers being kept finish first (a failed one is simply not kept)
         done = 0
         while self.layer_file(done).is_file():
             done += 1
@@ -169,12 +173,18 @@ class WorkDir:
         return done
 
     def save_layer(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None:
-        """Keep a finished layer's tensors (by name) and its search report."""
+        """Keep a finished layer's tensors (by name) and its search report, in the background: the
+        tensors must not change afterwards; an error is raised by a later call."""
         meta = {"report": json.dumps({"method": report.method, "details": report.details})}
         final = self.layer_file(index)
         tmp = final.with_name(f".{final.name}.partial")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, final)
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+
+        def save() -> None:
+            save_file(contiguous, str(tmp), metadata=meta)
+            os.replace(tmp, final)
+
+        self._io.submit(save)
 
     def activations_due(self) -> bool:
         """Whether `ACTS_INTERVAL` has passed since the activations were last kept (or the run began)."""
@@ -182,6 +192,7 @@ class WorkDir:
 
     def save_activations(self, index: int, store: ActivationStore) -> None:
         """Keep the activations entering layer ``index``; drop those kept before."""
+        self._io.drain()  # the layers before them first
         final = self.acts_file(index)
         tmp = final.with_name(f".{final.name}.partial")
         store.save(tmp)
@@ -199,6 +210,7 @@ class WorkDir:
         return tensors, LayerReport(index, report["method"], report["details"])
 
     def remove(self) -> None:
+        self._io.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
 

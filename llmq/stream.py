@@ -26,7 +26,8 @@ class LayerStream:
     Args:
         ckpt: the opened checkpoint.
         arch: its architecture spec.
-        dtype: dtype the layer's parameters are cast to (float32 for CPU search and encoding).
+        dtype: dtype the layer's parameters are cast to (float32 for the forwards and the search);
+            None keeps the checkpoint's (encoding alone converts each slab it reads).
 
     Example:
         >>> stream = LayerStream(ckpt, arch)
@@ -34,7 +35,9 @@ class LayerStream:
         ...     ...                      # drop it before the next one loads
     """
 
-    def __init__(self, ckpt: Checkpoint, arch: ArchSpec, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, arch: ArchSpec, *, dtype: torch.dtype | None = torch.float32
+    ) -> None:
         self.ckpt = ckpt
         self.arch = arch
         self.dtype = dtype
@@ -76,7 +79,7 @@ class LayerStream:
                     f"{self.ckpt.path}: tensor {sources[name]} has shape {tuple(t.shape)}, "
                     f"config.json implies {tuple(want)}"
                 )
-            state[name] = t.to(self.dtype)
+            state[name] = t if self.dtype is None else t.to(self.dtype)
         layer.load_state_dict(state, assign=True, strict=True)
         return layer.eval()
 

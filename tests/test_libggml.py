@@ -43,6 +43,11 @@ def test_slabs_in_parallel_equal_one_encode(monkeypatch: pytest.MonkeyPatch) -> 
     plan = TensorPlan("blk.0.ffn_down.weight", "x", (100, 512), "Q4_K", 256, 0, "linear")
     got = encode_tensor(plan, w, encoder=EncoderConfig())
     np.testing.assert_array_equal(got, REGISTRY["Q4_K"].encode(w.numpy()))
+    # a bfloat16 tensor: each thread converts its slabs in one reused buffer
+    wb = w.to(torch.bfloat16)
+    np.testing.assert_array_equal(
+        encode_tensor(plan, wb, encoder=EncoderConfig()), REGISTRY["Q4_K"].encode(wb.float().numpy())
+    )
 
 
 def test_refined_and_fed_back_encodes_start_from_libggml_with_the_same_bytes() -> None:

@@ -161,15 +161,15 @@ def test_full_disk_keeps_the_work_dir_and_resume_continues(
 ) -> None:
     out = tmp_path / "q.gguf"
     calls = {"n": 0}
-    original = WorkDir.save_layer
+    original = llmq.resume.save_file
 
-    def full(self, index, tensors, report):  # noqa: ANN001
+    def full(tensors, path, metadata=None):  # noqa: ANN001  (the kept layer's write, in the background)
         calls["n"] += 1
         if calls["n"] == 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        return original(self, index, tensors, report)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return original(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(WorkDir, "save_layer", full)
+    monkeypatch.setattr(llmq.resume, "save_file", full)
     monkeypatch.setattr(llmq.resume, "ACTS_INTERVAL", 0.0)  # activations after every layer
     calib = llmq.CalibConfig("self", n_samples=4, seqlen=32, batch_size=2)
     cfg = llmq.QuantConfig(bits=4, group_size=64)
@@ -177,6 +177,6 @@ def test_full_disk_keeps_the_work_dir_and_resume_continues(
         llmq.convert(tiny, out, cfg, formats=FORMATS, calib=calib, progress=False)
     assert WorkDir(work_path(out)).resume_point(needs_activations=True) == 2
     assert not out.exists()
-    monkeypatch.setattr(WorkDir, "save_layer", original)
+    monkeypatch.setattr(llmq.resume, "save_file", original)
     llmq.convert(tiny, out, cfg, formats=FORMATS, calib=calib, progress=False, resume=True)
     assert _outputs(out) == reference

@@ -13,6 +13,7 @@ from types import TracebackType
 import gguf
 import numpy as np
 
+from ..background import Background
 from ..codecs import REGISTRY
 from ..errors import OutputExistsError
 from ..plan import TensorPlan
@@ -55,6 +56,7 @@ class GGUFStreamWriter:
         self._patches: dict[str, str] = {}
         self._began = False
         self._done = False
+        self._io = Background("gguf-write")  # data written while the next tensors encode
 
     def begin(self, plans: list[TensorPlan]) -> None:
         """Declare every tensor, then write header, key/values and tensor infos."""
@@ -79,7 +81,7 @@ class GGUFStreamWriter:
         )
         data = np.ascontiguousarray(data).view(np.uint8)
         assert data.nbytes == plan.nbytes, (plan.name, data.nbytes, plan.nbytes)
-        self.gguf.write_tensor_data(data)
+        self._io.submit(self.gguf.write_tensor_data, data)  # ``data`` is not changed after this
 
     def reserve(self, key: str) -> None:
         """Mark a string key (already added with a placeholder) to be set later with `patch`."""
@@ -106,6 +108,8 @@ class GGUFStreamWriter:
     def commit(self) -> Path:
         """Close the file and move it into place."""
         assert self._began and not self._pending, f"{len(self._pending)} tensors were never written"
+        self._io.drain()
+        self._io.close()
         self.gguf.close()
         if self._patches:
             self._apply_patches()
@@ -119,6 +123,7 @@ class GGUFStreamWriter:
         """Close and delete the temporary file (nothing to do once committed or aborted)."""
         if self._done:
             return
+        self._io.close()
         self.gguf.close()
         self.tmp.unlink(missing_ok=True)
         self._done = True
