@@ -23,16 +23,17 @@ FACTOR_COLUMNS = 1024  # columns of the feedback factor inverted per step (bound
 COMPILED = True
 
 
-def flip_(a: torch.Tensor, step: int = 1024) -> torch.Tensor:
-    """Reverse the rows and the columns of a square matrix in place, ``step`` rows (columns) per swap."""
-    n = a.shape[0]
-    for axis in (0, 1):
-        v = a if axis == 0 else a.T
-        for i in range(0, n // 2, step):
-            j = min(i + step, n // 2)
-            top = v[i:j].clone()
-            v[i:j] = v[n - j : n - i].flip(0)
-            v[n - j : n - i] = top.flip(0)
+def flip_(a: torch.Tensor, step: int = 1 << 22) -> torch.Tensor:
+    """Reverse the rows and the columns of a contiguous square matrix in place: the reversal of its
+    flat values, ``step`` values per swap (one pass over memory, no strided copies)."""
+    assert a.is_contiguous(), "flip_ needs a contiguous matrix"
+    flat = a.view(-1)
+    n = flat.numel()
+    for i in range(0, n // 2, step):
+        j = min(i + step, n // 2)
+        top = flat[i:j].clone()
+        flat[i:j] = flat[n - j : n - i].flip(0)
+        flat[n - j : n - i] = top.flip(0)
     return a
 
 
@@ -59,8 +60,12 @@ def feedback_factor(
         ``U`` ``(K, K)`` float32: NumPy, or a tensor on ``gram``'s GPU with ``on_device``.
     """
     h = torch.as_tensor(gram)
-    # a sum is finite when every entry is (short of overflow): no (K, K) mask of a 14336-wide Gram
-    if h.ndim != 2 or h.shape[0] != h.shape[1] or not bool(torch.isfinite(h.sum(dtype=torch.float64))):
+    # min and max are finite when every entry is (NaN propagates): no (K, K) mask or float64 copy
+    if (
+        h.ndim != 2
+        or h.shape[0] != h.shape[1]
+        or not bool(torch.isfinite(torch.stack(torch.aminmax(h))).all())
+    ):
         raise LlmqError(
             f"error feedback needs a finite square input second moment, got shape {tuple(h.shape)}"
         )

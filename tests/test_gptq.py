@@ -127,6 +127,11 @@ def test_feedback_factor_inverts_the_damped_second_moment() -> None:
     np.testing.assert_allclose(u.T.astype(np.float64) @ u @ damped, np.eye(64), atol=1e-5)  # float32 factor
     with pytest.raises(LlmqError, match="square"):
         feedback_factor(np.ones((3, 4)))
+    for bad in (np.nan, np.inf, -np.inf):
+        h2 = h.copy()
+        h2[3, 5] = bad
+        with pytest.raises(LlmqError, match="finite"):
+            feedback_factor(h2)
     with pytest.raises(LlmqError, match="Q3_K has no integer grid"):
         encode_feedback(REGISTRY["Q3_K"], np.ones((1, 256), np.float32), np.eye(256), None, refine=False)
 
@@ -192,3 +197,13 @@ def test_default_recipe_of_k_mixes(tmp_path: Path) -> None:
     assert main([*args, "-o", str(out)]) == 0
     words = parse_awq_text(gguf.GGUFReader(out).fields["llmq.awq"].contents())
     assert (words["gptq"], words["refine"], words["clip"], words["inputs"]) == ("on", "on", "off", "fp")
+
+
+def test_flip_reverses_rows_and_columns_in_place() -> None:
+    from llmq.gptq import flip_
+
+    for n in (1, 2, 3, 7, 64, 65):
+        a = torch.randn(n, n)
+        want = a.flip(0, 1).clone()
+        assert flip_(a, step=5) is a
+        assert torch.equal(a, want), n
