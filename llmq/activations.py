@@ -200,9 +200,16 @@ class InputStats:
     ``mean_t |E x_t|^2 = sum((E @ G) * E)`` with ``G = X^T X / n``, so the search scores every
     candidate without re-running the tokens.
 
+    Args:
+        channels: input width ``C``.
+        device: where the sums live.
+        gram: keep the Gram matrix; False keeps only the per-channel sums of squares (an importance
+            matrix needs no more: ``C`` floats instead of ``C x C``, and no Gram products).
+
     Attributes:
         gram: ``sum_t x_t x_t^T`` ``(C, C)``, float32, summed in place (no ``C x C`` temporary:
             at 28672 inputs one copy is 3.3 GB).
+        sq_sum: ``sum_t x_t^2`` per channel, float64, when no Gram is kept (else None).
         abs_sum: ``sum_t |x_t|`` per channel, float64.
         n: tokens seen.
     """
@@ -213,14 +220,21 @@ class InputStats:
     # symmetric): 4096 inputs cost 62% of the full product, 14336 inputs 54%; mirrored once, when read
     BLOCK = 1024
 
-    def __init__(self, channels: int, device: str | torch.device = "cpu") -> None:
-        self._gram: torch.Tensor | None = torch.zeros(channels, channels, dtype=torch.float32, device=device)
+    def __init__(self, channels: int, device: str | torch.device = "cpu", *, gram: bool = True) -> None:
+        self._gram: torch.Tensor | None = (
+            torch.zeros(channels, channels, dtype=torch.float32, device=device) if gram else None
+        )
+        self.sq_sum = None if gram else torch.zeros(channels, dtype=torch.float64, device=device)
         self._mirrored = True
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
 
     @property
     def gram(self) -> torch.Tensor:
+        if self.sq_sum is not None:
+            raise LlmqError(
+                "these input statistics hold no Gram matrix (captured for an importance matrix only)"
+            )
         if not self._mirrored and self._gram is not None:  # the lower blocks from the upper ones
             for a, b in _blocks(self._gram.shape[0], self.BLOCK):
                 self._gram[b:, a:b] = self._gram[a:b, b:].T
@@ -233,12 +247,15 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        g = self._gram
-        assert g is not None, "statistics already consumed"
-        with torch.autocast(g.device.type, enabled=False):  # float32 sums inside a bfloat16 forward
-            for a, b in _blocks(g.shape[0], self.BLOCK):  # row block a:b against itself and to its right
-                g[a:b, a:].addmm_(x2[:, a:b].T, x2[:, a:])
-        self._mirrored = False
+        if self.sq_sum is not None:
+            self.sq_sum += (x2 * x2).sum(0).double()
+        else:
+            g = self._gram
+            assert g is not None, "statistics already consumed"
+            with torch.autocast(g.device.type, enabled=False):  # float32 sums inside a bfloat16 forward
+                for a, b in _blocks(g.shape[0], self.BLOCK):  # row block a:b against itself and to its right
+                    g[a:b, a:].addmm_(x2[:, a:b].T, x2[:, a:])
+            self._mirrored = False
         self.abs_sum += x2.abs().sum(0).double()
         self.n += x2.shape[0]
 
@@ -254,6 +271,8 @@ class InputStats:
     @property
     def mean_sq(self) -> np.ndarray:
         """Mean of x^2 per channel: llama.cpp's importance-matrix entry for this input."""
+        if self.sq_sum is not None:
+            return (self.sq_sum / max(self.n, 1)).float().cpu().numpy()
         return (torch.diagonal(self.gram) / max(self.n, 1)).cpu().numpy()
 
     def divide(self, s: torch.Tensor) -> None:

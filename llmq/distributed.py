@@ -61,9 +61,9 @@ def all_reduce_stats(stats: dict[str, Any]) -> None:
         return
     for name in sorted(stats):  # the same order in every process
         st = stats[name]
-        dist.all_reduce(st.gram)
+        dist.all_reduce(st.sq_sum if st.sq_sum is not None else st.gram)
         dist.all_reduce(st.abs_sum)
-        n = torch.tensor([st.n], dtype=torch.int64, device=st.gram.device)
+        n = torch.tensor([st.n], dtype=torch.int64, device=st.abs_sum.device)
         dist.all_reduce(n)
         st.n = int(n.item())
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from . import moe
-from .activations import CPU_MATMUL, CalibrationFlow, InputStats, matmul_precision
+from .activations import CPU_MATMUL, CalibrationFlow, InputStats, StatsFactory, matmul_precision
 from .arch import ArchSpec, ScaleGroup, get_arch
 from .arch.hparams import llama3_rope_factors
 from .awq import AWQConfig
@@ -315,7 +316,12 @@ def _layer(
     stats = None
     if flow is not None:  # capture inputs (and step the FP activations on, for `fp` inputs)
         with prog.phase(what, "calibrate"):
-            stats = flow.capture(layer, arch.capture_modules, write_outputs=job.awq.inputs == "fp")
+            stats = flow.capture(
+                layer,
+                arch.capture_modules,
+                write_outputs=job.awq.inputs == "fp",
+                new_stats=_stats_factory(job),
+            )
             all_reduce_stats(stats)  # every process's windows (torchrun), the same sums in each
             for s in sinks:
                 s.layer_stats(job, index, stats)
@@ -345,6 +351,14 @@ def _layer(
         log.info("layer %d: %s", index, report.line())
     del params, stats, encoded  # free before the next layer
     return report, items
+
+
+def _stats_factory(job: Job) -> StatsFactory:
+    """Input statistics with Gram matrices where the search or the encoder reads them; otherwise
+    (an importance matrix alone) per-channel sums of squares: no Gram products, ``C`` floats each."""
+    if job.search.needs_activations or job.encoder.needs_statistics:
+        return InputStats
+    return partial(InputStats, gram=False)
 
 
 def _encode(

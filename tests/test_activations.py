@@ -169,3 +169,22 @@ def test_input_stats_in_row_chunks_equal_the_float64_reference(monkeypatch: pyte
     torch.testing.assert_close(st.mean_gram.double(), x64.T @ x64 / 150, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.mean_abs.double(), x64.abs().mean(0), rtol=1e-5, atol=1e-7)
     assert st.gram.dtype == torch.float32 and st.n == 150
+
+
+def test_input_stats_without_a_gram_keep_the_same_importance() -> None:
+    from llmq.activations import InputStats
+    from llmq.errors import LlmqError
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50, 20, generator=gen) * torch.linspace(0.1, 10, 20)
+    full, diag = InputStats(20), InputStats(20, gram=False)
+    for part in x:
+        full.add(part)
+        diag.add(part)
+    x64 = x.reshape(-1, 20).double()
+    np.testing.assert_allclose(diag.mean_sq, (x64**2).mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(diag.mean_sq, full.mean_sq, rtol=1e-5)
+    torch.testing.assert_close(diag.mean_abs, full.mean_abs)
+    assert diag.n == full.n == 150
+    with pytest.raises(LlmqError, match="no Gram"):
+        _ = diag.gram

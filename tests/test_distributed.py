@@ -30,6 +30,10 @@ llmq.convert(src, out, llmq.QuantConfig(quant="Q4_0"), calib=tokens, awq=AWQConf
              overwrite=True, progress=False, write_card=False)
 with open(f"{out}.calls{os.environ.get('RANK', '0')}", "w") as f:
     json.dump(calls, f)
+from llmq.imatrix import compute_imatrix  # statistics without Gram matrices, summed the same way
+imat = compute_imatrix(src, tokens, progress=False)
+with open(f"{out}.imatrix{os.environ.get('RANK', '0')}", "w") as f:
+    json.dump({k: v.tolist() for k, v in imat.items()}, f)
 """
 
 
@@ -95,6 +99,12 @@ def test_two_gloo_processes_give_the_single_process_search(tiny: Path, tmp_path:
                 assert gb["loss_before"] == pytest.approx(
                     ga["loss_before"], rel=1e-2
                 )  # a code may round the other way
+    im1 = json.loads((tmp_path / "one.gguf.imatrix0").read_text())
+    for r in (0, 1):  # every process holds the sums over all windows
+        im2 = json.loads((tmp_path / f"two.gguf.imatrix{r}").read_text())
+        assert im1.keys() == im2.keys() and len(im1) == 2 * 7
+        for k in im1:
+            np.testing.assert_allclose(im2[k], im1[k], rtol=1e-5)
     ta, tb = _tensors(tmp_path / "one.gguf"), _tensors(tmp_path / "two.gguf")
     assert ta.keys() == tb.keys()
     rel = {
