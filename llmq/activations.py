@@ -11,7 +11,6 @@ import inspect
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from torch import nn
 from .arch import ArchSpec
 from .arch.base import Experts
 from .errors import LlmqError
+from .precision import CPU_MATMUL, matmul_precision, resolve_forward_dtype
 
 if TYPE_CHECKING:
     from .calib import Calibration
@@ -151,39 +151,6 @@ class LayerRunner:
         if window is not None and window < seqlen:
             hidden |= i[:, None] - i[None, :] >= window
         return torch.zeros(seqlen, seqlen, device=self.device).masked_fill(hidden, float("-inf"))[None, None]
-
-
-def resolve_forward_dtype(name: str, device: torch.device) -> str:
-    """`CalibConfig.forward_dtype` on ``device``: ``auto`` is ``bfloat16`` where the device multiplies
-    it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), otherwise ``float32``."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        cpu = torch.cpu
-        native = device.type == "cpu" and any(
-            getattr(cpu, probe, lambda: False)()
-            for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        )
-    return "bfloat16" if native else "float32"
-
-
-# float32 products on the CPU through oneDNN's split-bf16 path: twice the speed of plain float32 on
-# CPUs with bf16 instructions, relative error ~6e-7 against float64 (plain: ~3e-7); BENCHMARKS.md
-CPU_MATMUL = "medium"
-
-
-@contextmanager
-def matmul_precision(precision: str | None) -> Iterator[None]:
-    """Run a block at ``torch.set_float32_matmul_precision(precision)`` (None: leave it), then restore it."""
-    old = torch.get_float32_matmul_precision()
-    if precision is not None:
-        torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
 
 
 def embed(tokens: torch.Tensor, embedding: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import moe
-from .activations import CPU_MATMUL, CalibrationFlow, InputStats, StatsFactory, matmul_precision
+from .activations import CalibrationFlow, InputStats, StatsFactory
 from .arch import ArchSpec, ScaleGroup, get_arch
 from .arch.hparams import llama3_rope_factors
 from .awq import AWQConfig
@@ -37,6 +37,7 @@ from .gptq import feedback_factor
 from .imatrix_io import ImatrixFile, check_imatrix
 from .methods import LayerReport, Search, get_search
 from .plan import TensorPlan, plan_tensors
+from .precision import CPU_MATMUL, matmul_precision
 from .progress import LayerProgress
 from .recipes import default_awq, default_encoder
 from .resume import WorkDir
