@@ -53,16 +53,15 @@ class Background:
     def settle(self) -> None:
         """Wait for every job, ignoring errors (what failed is simply not done)."""
         while self._pending:
-            self._pending.popleft().exception()
+            f = self._pending.popleft()
+            if not f.cancelled():
+                f.exception()
 
     def cancel(self) -> None:
         """Drop the jobs not yet started and wait for the running one, ignoring errors."""
         for f in self._pending:
             f.cancel()
-        for f in self._pending:
-            if not f.cancelled():
-                f.exception()
-        self._pending.clear()
+        self.settle()
 
     def close(self) -> None:
         self.cancel()

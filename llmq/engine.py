@@ -163,9 +163,12 @@ def open_job(
 
 
 def needs_statistics(job: Job, sinks: Sequence[Sink]) -> bool:
-    return (
-        job.search.needs_activations or job.encoder.needs_statistics or any(s.needs_statistics for s in sinks)
-    )
+    return _needs_gram(job) or any(s.needs_statistics for s in sinks)
+
+
+def _needs_gram(job: Job) -> bool:
+    """Whether the search or the encoder reads the inputs' Gram matrices (an importance matrix does not)."""
+    return job.search.needs_activations or job.encoder.needs_statistics
 
 
 def calibrate(job: Job, calib: CalibConfig | torch.Tensor | None) -> Calibration:
@@ -355,11 +358,9 @@ def _layer(
 
 
 def _stats_factory(job: Job) -> StatsFactory:
-    """Input statistics with Gram matrices where the search or the encoder reads them; otherwise
-    (an importance matrix alone) per-channel sums of squares: no Gram products, ``C`` floats each."""
-    if job.search.needs_activations or job.encoder.needs_statistics:
-        return InputStats
-    return partial(InputStats, gram=False)
+    """Input statistics with Gram matrices where `_needs_gram`; otherwise (an importance matrix alone)
+    per-channel sums of squares: no Gram products, ``C`` floats each."""
+    return InputStats if _needs_gram(job) else partial(InputStats, gram=False)
 
 
 def _encode(
