@@ -253,6 +253,7 @@ def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[La
             s.abort()
         if work is not None and work.resume_point(needs_activations=flow is not None):
             log.warning("finished layers are kept in %s: the same command with --resume continues", work.path)
+            work.close()
         elif work is not None:  # nothing finished: nothing worth keeping
             work.remove()
         raise

@@ -209,8 +209,12 @@ class WorkDir:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
         return tensors, LayerReport(index, report["method"], report["details"])
 
-    def remove(self) -> None:
+    def close(self) -> None:
+        """Finish the writes in flight (ignoring errors) and stop the writer thread; the files stay."""
         self._io.close()
+
+    def remove(self) -> None:
+        self.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
 

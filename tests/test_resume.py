@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,8 @@ def test_full_disk_keeps_the_work_dir_and_resume_continues(
     cfg = llmq.QuantConfig(bits=4, group_size=64)
     with pytest.raises(OSError, match="No space left"):
         llmq.convert(tiny, out, cfg, formats=FORMATS, calib=calib, progress=False)
+    # the failed run stopped its writer threads (a library caller may retry in the same process)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("work-write", "gguf"))]
     assert WorkDir(work_path(out)).resume_point(needs_activations=True) == 2
     assert not out.exists()
     monkeypatch.setattr(llmq.resume, "save_file", original)

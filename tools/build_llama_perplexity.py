@@ -35,7 +35,7 @@ from pathlib import Path
 
 BINARY = "llama-perplexity"
 # every target built into the cache entry; an entry missing one is rebuilt
-BINARIES = (BINARY, "llama-quantize")
+BINARIES = (BINARY, "llama-quantize", "llama-imatrix")
 
 # CMake cache entries for a minimal static CPU build of the tools. GGML_NATIVE and GGML_OPENMP keep
 # their defaults (ON), as in the llama-cpp-python build whose figures we compare against.
