@@ -101,6 +101,12 @@ def llama_quantize_bin(test_cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_imatrix_bin(llama_quantize_bin: Path) -> Path:
+    """llama.cpp's `llama-imatrix`, built and cached with `llama-quantize`."""
+    return llama_quantize_bin.with_name("llama-imatrix")
+
+
+@pytest.fixture(scope="session")
 def calibration_path() -> Path:
     """The calibration text (``groups_merged.txt``) in ``../shared/data`` — never the evaluation text."""
     path = ROOT.parent / "shared" / "data" / "calibration" / "groups_merged.txt"

@@ -288,3 +288,41 @@ def test_smollm2_q4_k_m_is_llama_cpps(reference_model_dir: Path, tmp_path: Path)
     # rows of 576 fall back as llama-quantize does; ffn_down (rows of 1536) is K-quantized
     assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q6_K"
     assert types["blk.4.ffn_down.weight"] == "Q4_K" and types["token_embd.weight"] == "Q8_0"
+
+
+def test_imatrix_equals_llama_imatrix(
+    model: tuple[Path, Path], llama_imatrix_bin: Path, calibration_path: Path, tmp_path: Path
+) -> None:
+    """llmq's importance matrix equals llama.cpp's own `llama-imatrix` on the same token windows: the
+    same entries, token counts and mean squares (llama.cpp's forward runs the F16 file with float16
+    products, llmq's the checkpoint in float32)."""
+    import llama_cpp
+
+    from llmq.imatrix import compute_imatrix
+
+    src, f16 = model
+    n_ctx, chunks = 128, 4
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_path.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    out = tmp_path / "llama.imatrix.gguf"
+    cmd = [str(llama_imatrix_bin), "-m", str(f16), "-f", str(text), "-o", str(out)]
+    cmd += ["-c", str(n_ctx), "--chunks", str(chunks), "-t", "2", "--no-ppl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ref = read_imatrix(out)
+    # llama-imatrix's windows: the text's tokens in consecutive chunks, each starting with BOS where
+    # the vocabulary adds one (compute_imatrix in tools/imatrix/imatrix.cpp)
+    vocab = llama_cpp.Llama(str(f16), vocab_only=True, verbose=False)
+    add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(vocab.model))
+    ids = np.array(vocab.tokenize(text.read_bytes(), add_bos=True, special=False)[: n_ctx * chunks])
+    windows = ids.reshape(chunks, n_ctx)
+    if add_bos:
+        windows[:, 0] = vocab.token_bos()
+    ours = compute_imatrix(src, torch.from_numpy(windows), progress=False)
+    assert sorted(ours) == sorted(ref.entries)
+    assert set(ref.counts.values()) == {n_ctx * chunks}
+    worst = {}
+    for name, want in ref.entries.items():
+        rel = np.abs(ours[name] - want) / np.maximum(np.abs(want), 1e-3 * want.mean())
+        worst[name] = float(rel.max())
+    assert max(worst.values()) < 2e-2, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
