@@ -17,7 +17,7 @@ from typing import overload
 import numpy as np
 import torch
 
-from .codecs import REGISTRY, Codec, GroupCodec, IntegerGrid, ggml
+from .codecs import REGISTRY, Codec, GroupCodec, IntegerGrid, ggml, quants_math
 from .gptq import encode_feedback, feedback_factor
 from .plan import TensorPlan
 
@@ -117,9 +117,16 @@ class Target:
         return replace(self, encoder=replace(self.encoder, refine=False))
 
     def uses_libggml(self) -> bool:
-        """Whether encodes go through libggml's `ggml_quantize_chunk` (installed; not group-wise grids)."""
+        """Whether encodes go through libggml's `ggml_quantize_chunk` (installed; not group-wise grids;
+        not where the compiled NumPy search is faster, `uses_compiled`)."""
         codec = self.codec_class()
-        return not (codec.is_float or self.grouped) and ggml.quantize_chunk() is not None
+        return (
+            not (codec.is_float or self.grouped or self.uses_compiled()) and ggml.quantize_chunk() is not None
+        )
+
+    def uses_compiled(self) -> bool:
+        """Whether CPU encodes run the NumPy encoder's compiled search (`Codec.compiled_search`)."""
+        return self.codec_class().compiled_search and quants_math.COMPILED and not self.grouped
 
     @overload
     def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray: ...
@@ -142,11 +149,13 @@ class Target:
         return torch.from_numpy(values).to(w.device)
 
     def on_device(self, device: torch.device) -> bool:
-        """Whether `fake_quant` encodes on ``device`` itself: a GPU, for the K-quants, where no libggml is
-        installed. libggml on the CPU is faster still: the torch K encoders replay llama.cpp's
-        per-sub-block loops as many small operations, 5-11 M weights/s on an H200 (BENCHMARKS.md)."""
+        """Whether `fake_quant` encodes on ``device`` itself: a GPU, for the K-quants that have neither
+        libggml nor a compiled search on the CPU. Those are faster still: the torch K encoders replay
+        llama.cpp's per-sub-block loops as many small operations, 5-11 M weights/s on an H200
+        (BENCHMARKS.md)."""
         codec = self.codec_class()
-        return device.type != "cpu" and codec.array_api and not self.grouped and not self.uses_libggml()
+        cpu_faster = self.uses_libggml() or self.uses_compiled()
+        return device.type != "cpu" and codec.array_api and not self.grouped and not cpu_faster
 
 
 # Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,
@@ -217,7 +226,8 @@ def encode_tensor(
         out[start : start + step] = target.encode(_float32(rows[start : start + step]), importance, factor)
 
     starts = range(0, rows.shape[0], step)
-    if (factor is not None or target.uses_libggml()) and len(starts) > 1:  # BLAS and C release the GIL
+    # BLAS, C and the compiled searches release the GIL
+    if (factor is not None or target.uses_libggml() or target.uses_compiled()) and len(starts) > 1:
         with ThreadPoolExecutor(ENCODE_THREADS) as pool:
             list(pool.map(slab, starts))
     else:

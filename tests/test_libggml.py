@@ -1,11 +1,13 @@
-"""libggml's encoder as the production path: the bytes of llmq's NumPy reference encoders, for every
-quantized type, with and without importance, whole tensors and slabs in parallel."""
+"""The fast CPU encoders (libggml's own, or the compiled searches where those are faster) as the production
+path: the bytes of llmq's NumPy reference encoders, for every quantized type, with and without importance,
+whole tensors and slabs in parallel."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from kquant_cases import cases, importances
 
 from llmq.codecs import REGISTRY, ggml
 from llmq.encoding import EncoderConfig, Target, encode_tensor
@@ -28,10 +30,34 @@ def test_same_bytes_as_the_reference(name: str) -> None:
     w[5, 7] = 30.0  # an outlier
     imp = rng.lognormal(size=512).astype(np.float32)
     target = Target(name, codec.block_size)
-    assert target.uses_libggml()
+    assert target.uses_libggml() != target.uses_compiled()  # one fast CPU path per type
     for importance in (None, imp):
-        want = codec.encode(w, importance)  # llmq's NumPy reference
+        want = codec.encode(w, importance)  # llmq's NumPy reference (its compiled search, if any)
         np.testing.assert_array_equal(target.encode(w, importance), want)
+        theirs = ggml.encode(
+            int(codec.qtype), w, codec.nbytes(w.shape), importance if codec.supports_importance else None
+        )
+        np.testing.assert_array_equal(theirs.reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in REGISTRY.items() if c.compiled_search))
+def test_compiled_searches_give_the_array_and_libggml_bytes(name: str) -> None:
+    """The compiled `make_qkx3_quants` (`qkx_jit`) against the array version it replaces on NumPy
+    inputs and against libggml, on the K-quant edge cases, with and without importance."""
+    import llmq.codecs.quants_math as qm
+
+    codec = REGISTRY[name]
+    rng = np.random.default_rng(7)
+    for x in cases(rng).values():
+        for imp in [None, *importances(rng, x.shape[1]).values()]:
+            compiled = codec.encode(x, imp)
+            theirs = ggml.encode(int(codec.qtype), x, codec.nbytes(x.shape), imp)
+            np.testing.assert_array_equal(theirs.reshape(compiled.shape), compiled)
+            qm.COMPILED = False
+            try:
+                np.testing.assert_array_equal(codec.encode(x, imp), compiled)
+            finally:
+                qm.COMPILED = True
 
 
 def test_slabs_in_parallel_equal_one_encode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,7 +76,7 @@ def test_slabs_in_parallel_equal_one_encode(monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
-def test_refined_and_fed_back_encodes_start_from_libggml_with_the_same_bytes() -> None:
+def test_refined_and_fed_back_encodes_start_from_the_fast_path_with_the_same_bytes() -> None:
     from llmq.gptq import encode_feedback, feedback_factor
 
     gen = torch.Generator().manual_seed(3)
@@ -61,7 +87,7 @@ def test_refined_and_fed_back_encodes_start_from_libggml_with_the_same_bytes() -
     for name in ("Q4_K", "Q5_K", "Q6_K"):
         codec = REGISTRY[name]
         target = Target(name, 256, EncoderConfig(refine=True, feedback=True))
-        assert target.uses_libggml()
+        assert target.uses_libggml() or target.uses_compiled()
         np.testing.assert_array_equal(target.encode(w, imp), codec.encode(w, imp, refine=True))
         want = encode_feedback(codec, w, factor, imp, refine=True)  # its own NumPy first encoding
         np.testing.assert_array_equal(target.encode(w, imp, factor), want)
@@ -72,7 +98,7 @@ def test_float_and_disabling_keep_the_numpy_path(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(ggml.ENV, "0")
     ggml.quantize_chunk.cache_clear()
     try:
-        assert not Target("Q4_K", 256).uses_libggml()
+        assert not Target("Q6_K", 256).uses_libggml()
     finally:
         monkeypatch.delenv(ggml.ENV)
         ggml.quantize_chunk.cache_clear()

@@ -149,6 +149,7 @@ class _AsymmetricK4(_KQuant):
     """Q4_K/Q5_K: `_asymmetric_k4` with the type's search grid, then the type's own code packing."""
 
     symmetric = False
+    compiled_search = True
     nmax: int
     rmin: float
     nstep: int
@@ -200,6 +201,7 @@ def _signed_max_scale(xp, scales: Array) -> Array:
 class Q2_K(_KQuant, qtype=T.Q2_K):
     bits = 2
     symmetric = False
+    compiled_search = True
 
     @classmethod
     def encode_blocks(cls, blocks):

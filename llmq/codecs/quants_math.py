@@ -22,6 +22,10 @@ _F32 = np.float32
 GROUP_MAX_EPS = _F32(1e-15)
 # Values per chunk of the temporaries (measured best on CPU: cache-sized, yet long numpy calls).
 _CHUNK_VALUES = 1 << 19
+# NumPy inputs take the compiled `make_qkx3_quants` (`qkx_jit`, same bytes); False: the array version
+COMPILED = True
+# sub-blocks per call of the compiled search: its (k, lanes) scratch stays in the L1/L2 cache
+_JIT_LANES = 512
 
 
 def seq_sum(t: Array, from_zero: bool = True) -> Array:
@@ -173,9 +177,36 @@ def make_qkx3_quants(
     scale, m = xp.zeros(n, dtype=xp.float32, device=dev), xp.zeros(n, dtype=xp.float32, device=dev)
     codes = xp.zeros((n, k), dtype=xp.uint8, device=dev)
     grid = (_F32(rmin) + _F32(rdelta) * np.arange(nstep + 1, dtype=_F32) + _F32(nmax)).astype(_F32)
+    if COMPILED and isinstance(x, np.ndarray):  # the same search compiled, sub-blocks as lanes
+        return _make_qkx3_compiled(x, w, nmax, grid, use_mad)
     grid = xp.asarray(grid, device=dev)
     for sl in _chunks(n, 2 * k):
         scale[sl], m[sl], codes[sl] = _make_qkx3_chunk(x[sl], w[sl], nmax, grid, use_mad)
+    return scale, m, codes
+
+
+def _make_qkx3_compiled(
+    x: np.ndarray, w: np.ndarray, nmax: int, grid: np.ndarray, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from . import qkx_jit  # numba's import only where it is used
+
+    n, k = x.shape
+    scale, m = np.empty(n, _F32), np.empty(n, _F32)
+    codes = np.empty((n, k), np.uint8)
+    for a in range(0, n, _JIT_LANES):
+        b = min(a + _JIT_LANES, n)
+        ct = np.empty((k, b - a), np.uint8)
+        qkx_jit.make_qkx3(
+            np.ascontiguousarray(x[a:b].T),
+            np.ascontiguousarray(w[a:b].T),
+            nmax,
+            grid,
+            use_mad,
+            scale[a:b],
+            m[a:b],
+            ct,
+        )
+        codes[a:b] = ct.T
     return scale, m, codes
 
 
