@@ -94,7 +94,7 @@ class Target:
         imp = importance if enc.weighted else None
         if self.grouped:
             return codec.encode_grouped(w, self.group, imp, grid=enc.grid)  # type: ignore[attr-defined]
-        if not self.uses_libggml():
+        if not self.uses_libggml(imp is not None):
             data = codec.encode(w, imp, refine=enc.refine)
         else:  # the same bytes at C speed, then the NumPy refinement
             flat = ggml.encode(
@@ -116,17 +116,19 @@ class Target:
             return self
         return replace(self, encoder=replace(self.encoder, refine=False))
 
-    def uses_libggml(self) -> bool:
-        """Whether encodes go through libggml's `ggml_quantize_chunk` (installed; not group-wise grids;
-        not where the compiled NumPy search is faster, `uses_compiled`)."""
+    def uses_libggml(self, importance: bool = True) -> bool:
+        """Whether encodes (given an importance vector, or not) go through libggml's
+        `ggml_quantize_chunk`: installed, not a group-wise grid, and not `uses_compiled`."""
         codec = self.codec_class()
-        return (
-            not (codec.is_float or self.grouped or self.uses_compiled()) and ggml.quantize_chunk() is not None
-        )
+        fast = codec.is_float or self.grouped or self.uses_compiled(importance)
+        return not fast and ggml.quantize_chunk() is not None
 
-    def uses_compiled(self) -> bool:
-        """Whether CPU encodes run the NumPy encoder's compiled search (`Codec.compiled_search`)."""
-        return self.codec_class().compiled_search and quants_math.COMPILED and not self.grouped
+    def uses_compiled(self, importance: bool = True) -> bool:
+        """Whether CPU encodes (given an importance vector, or not) run the NumPy encoder's compiled
+        searches, where those beat libggml (`Codec.compiled_faster`)."""
+        codec = self.codec_class()
+        weighted = importance and self.encoder.weighted and codec.supports_importance
+        return quants_math.COMPILED and not self.grouped and codec.compiled_faster[weighted]
 
     @overload
     def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray: ...
@@ -142,19 +144,19 @@ class Target:
         """
         if not isinstance(w, torch.Tensor):
             return self.codec_class().decode(self.encode(w, importance), w.shape)
-        if self.on_device(w.device):
+        if self.on_device(w.device, importance is not None):
             codec, imp = self.codec_class(), importance if self.encoder.weighted else None
             return codec.decode(codec.encode(w.float(), imp, refine=self.encoder.refine), tuple(w.shape))
         values = self.fake_quant(w.detach().float().cpu().numpy(), importance)
         return torch.from_numpy(values).to(w.device)
 
-    def on_device(self, device: torch.device) -> bool:
+    def on_device(self, device: torch.device, importance: bool = True) -> bool:
         """Whether `fake_quant` encodes on ``device`` itself: a GPU, for the K-quants that have neither
         libggml nor a compiled search on the CPU. Those are faster still: the torch K encoders replay
         llama.cpp's per-sub-block loops as many small operations, 5-11 M weights/s on an H200
         (BENCHMARKS.md)."""
         codec = self.codec_class()
-        cpu_faster = self.uses_libggml() or self.uses_compiled()
+        cpu_faster = self.uses_libggml(importance) or self.uses_compiled(importance)
         return device.type != "cpu" and codec.array_api and not self.grouped and not cpu_faster
 
 
@@ -227,7 +229,10 @@ def encode_tensor(
 
     starts = range(0, rows.shape[0], step)
     # BLAS, C and the compiled searches release the GIL
-    if (factor is not None or target.uses_libggml() or target.uses_compiled()) and len(starts) > 1:
+    weighted = importance is not None
+    if (factor is not None or target.uses_libggml(weighted) or target.uses_compiled(weighted)) and len(
+        starts
+    ) > 1:
         with ThreadPoolExecutor(ENCODE_THREADS) as pool:
             list(pool.map(slab, starts))
     else:

@@ -30,7 +30,8 @@ def test_same_bytes_as_the_reference(name: str) -> None:
     w[5, 7] = 30.0  # an outlier
     imp = rng.lognormal(size=512).astype(np.float32)
     target = Target(name, codec.block_size)
-    assert target.uses_libggml() != target.uses_compiled()  # one fast CPU path per type
+    for weighted in (False, True):  # one fast CPU path per type and use
+        assert target.uses_libggml(weighted) != target.uses_compiled(weighted)
     for importance in (None, imp):
         want = codec.encode(w, importance)  # llmq's NumPy reference (its compiled search, if any)
         np.testing.assert_array_equal(target.encode(w, importance), want)
@@ -40,10 +41,11 @@ def test_same_bytes_as_the_reference(name: str) -> None:
         np.testing.assert_array_equal(theirs.reshape(want.shape), want)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in REGISTRY.items() if c.compiled_search))
-def test_compiled_searches_give_the_array_and_libggml_bytes(name: str) -> None:
-    """The compiled `make_qkx3_quants` (`qkx_jit`) against the array version it replaces on NumPy
-    inputs and against libggml, on the K-quant edge cases, with and without importance."""
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_compiled_searches_give_the_array_versions_bytes(name: str) -> None:
+    """The compiled searches (`qkx_jit`) against the array versions they replace on NumPy inputs, and
+    against libggml where they replace it (`Codec.compiled_faster`), on the K-quant edge cases, with
+    and without importance."""
     import llmq.codecs.quants_math as qm
 
     codec = REGISTRY[name]
@@ -51,8 +53,9 @@ def test_compiled_searches_give_the_array_and_libggml_bytes(name: str) -> None:
     for x in cases(rng).values():
         for imp in [None, *importances(rng, x.shape[1]).values()]:
             compiled = codec.encode(x, imp)
-            theirs = ggml.encode(int(codec.qtype), x, codec.nbytes(x.shape), imp)
-            np.testing.assert_array_equal(theirs.reshape(compiled.shape), compiled)
+            if codec.compiled_faster[imp is not None and codec.supports_importance]:
+                theirs = ggml.encode(int(codec.qtype), x, codec.nbytes(x.shape), imp)
+                np.testing.assert_array_equal(theirs.reshape(compiled.shape), compiled)
             qm.COMPILED = False
             try:
                 np.testing.assert_array_equal(codec.encode(x, imp), compiled)

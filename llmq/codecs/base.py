@@ -56,9 +56,10 @@ class Codec:
     # Whether `encode_blocks`/`decode_blocks` run on torch tensors (CPU or CUDA) as well as NumPy arrays
     # (the K-quants); other codecs get a torch tensor's values through NumPy on the CPU.
     array_api: ClassVar[bool] = False
-    # Whether the NumPy encoder runs a compiled search (`qkx_jit`: ggml's make_qkx3_quants) that beats
-    # libggml's own encoder, which CPU encodes then skip (same bytes; BENCHMARKS.md)
-    compiled_search: ClassVar[bool] = False
+    # Whether the NumPy encoder's compiled searches (`qkx_jit`: ggml's make_qkx3_quants, make_qx_quants)
+    # beat libggml's own encoder, indexed by "with an importance matrix": CPU encodes then skip libggml
+    # (same bytes; measured on one thread, BENCHMARKS.md)
+    compiled_faster: ClassVar[tuple[bool, bool]] = (False, False)
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

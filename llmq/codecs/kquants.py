@@ -149,7 +149,7 @@ class _AsymmetricK4(_KQuant):
     """Q4_K/Q5_K: `_asymmetric_k4` with the type's search grid, then the type's own code packing."""
 
     symmetric = False
-    compiled_search = True
+    compiled_faster = (True, True)
     nmax: int
     rmin: float
     nstep: int
@@ -201,7 +201,7 @@ def _signed_max_scale(xp, scales: Array) -> Array:
 class Q2_K(_KQuant, qtype=T.Q2_K):
     bits = 2
     symmetric = False
-    compiled_search = True
+    compiled_faster = (True, True)
 
     @classmethod
     def encode_blocks(cls, blocks):
@@ -255,6 +255,7 @@ class Q2_K(_KQuant, qtype=T.Q2_K):
 # [scales: 12 B, 16 six-bit scales offset by 32][d: f16]; x = d * (sc - 32) * (q - 4)
 class Q3_K(_KQuant, qtype=T.Q3_K):
     bits = 3
+    compiled_faster = (False, True)  # make_q3_quants (no importance) is not compiled
 
     @classmethod
     def encode_blocks(cls, blocks):
@@ -346,6 +347,7 @@ class Q5_K(_AsymmetricK4, qtype=T.Q5_K):
 # qh[32 h + l] = v[l] >> 4 | v[l + 32] >> 4 << 2 | v[l + 64] >> 4 << 4 | v[l + 96] >> 4 << 6.
 class Q6_K(_KQuant, qtype=T.Q6_K):
     bits = 6
+    compiled_faster = (True, True)
 
     @classmethod
     def encode_blocks(cls, blocks):

@@ -107,6 +107,7 @@ class Q4_0(_Grid, GroupCodec, qtype=T.Q4_0):
     bits = 4
     zero, top = 8, 15
     supports_importance = True
+    compiled_faster = (False, True)  # the round-to-nearest path is libggml's
 
     @classmethod
     def group_params(cls, groups):
@@ -141,6 +142,9 @@ class Q4_1(_Grid, GroupCodec, qtype=T.Q4_1):
     top = 15
     symmetric = False
     supports_importance = True
+    # libggml, not the compiled search (3.5x faster): its stored min of a block of signed zeros takes
+    # the sign its compiler's vector min picks, where the C loop (and llmq) keeps the first minimum
+    compiled_faster = (False, False)
 
     @classmethod
     def group_params(cls, groups):
@@ -173,6 +177,7 @@ class Q5_0(_Grid, GroupCodec, qtype=T.Q5_0):
     bits = 5
     zero, top = 16, 31
     supports_importance = True
+    compiled_faster = (False, True)  # the round-to-nearest path is libggml's
 
     @classmethod
     def group_params(cls, groups):
@@ -207,6 +212,9 @@ class Q5_1(_Grid, GroupCodec, qtype=T.Q5_1):
     top = 31
     symmetric = False
     supports_importance = True
+    # libggml, not the compiled search (3.5x faster): its stored min of a block of signed zeros takes
+    # the sign its compiler's vector min picks, where the C loop (and llmq) keeps the first minimum
+    compiled_faster = (False, False)
 
     @classmethod
     def group_params(cls, groups):

@@ -124,3 +124,67 @@ def make_qkx3(xt, wt, nmax, grid, use_mad, scale, mn, codes):  # type: ignore[no
             scale[b] = _F0
             for i in range(k):
                 codes[i, b] = 0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def make_qx(xt, wt, nmax, numer, eps, scale, codes):  # type: ignore[no-untyped-def]
+    """Fill ``scale`` ``(n,)`` float32 and ``codes`` ``(k, n)`` uint8 (offset by ``nmax``): ggml's
+    ``make_qx_quants(k, nmax, x, L, 1, qw)`` of sub-blocks ``xt`` with weights ``wt`` ``(k, n)``.
+
+    ``numer`` holds the C loop's numerators in its order (``nmax``, then ``nmax + 0.1 is`` for
+    ``is = -9 .. 9`` without 0); sub-blocks under ``eps`` in magnitude get scale 0, codes 0.
+    """
+    k, n = xt.shape
+    amax = np.zeros(n, np.float32)
+    mx = np.zeros(n, np.float32)
+    for i in range(k):
+        for b in range(n):
+            ax = abs(xt[i, b])
+            if ax > amax[b]:
+                amax[b] = ax
+                mx[b] = xt[i, b]
+    for b in range(n):
+        if amax[b] < eps:
+            mx[b] = _F1
+    iscale = np.empty(n, np.float32)
+    tf = np.empty(n, np.float32)
+    ti = tf.view(np.int32)
+    laux = np.empty((k, n), np.float32)
+    sumlx = np.empty(n, np.float32)
+    suml2 = np.empty(n, np.float32)
+    best = np.empty(n, np.float32)
+    ok = np.empty(n, np.bool_)
+    lo, hi = -nmax, nmax - 1
+    for c in range(numer.shape[0]):
+        for b in range(n):
+            iscale[b] = -numer[c] / mx[b]
+            sumlx[b] = _F0
+            suml2[b] = _F0
+        for i in range(k):
+            for b in range(n):
+                tf[b] = iscale[b] * xt[i, b] + _MAGIC
+            for b in range(n):
+                q = (ti[b] & 0x007FFFFF) - 0x00400000
+                lq = np.float32(min(max(q, lo), hi))
+                laux[i, b] = lq
+                sumlx[b] += wt[i, b] * xt[i, b] * lq
+                suml2[b] += wt[i, b] * lq * lq
+        for b in range(n):
+            if c == 0:
+                ok[b] = True
+                scale[b] = sumlx[b] / suml2[b] if suml2[b] != _F0 else _F0
+            else:
+                ok[b] = suml2[b] > _F0 and sumlx[b] * sumlx[b] > best[b] * suml2[b]
+                if ok[b]:
+                    scale[b] = sumlx[b] / suml2[b]
+            if ok[b]:
+                best[b] = scale[b] * sumlx[b]
+        for i in range(k):
+            for b in range(n):
+                if ok[b]:
+                    codes[i, b] = np.uint8(laux[i, b] + np.float32(nmax))
+    for b in range(n):
+        if amax[b] < eps:
+            scale[b] = _F0
+            for i in range(k):
+                codes[i, b] = 0

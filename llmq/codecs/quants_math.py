@@ -109,10 +109,28 @@ def make_qx_quants(x: Array, nmax: int, weights: Array | None = None) -> tuple[A
     steps = np.array([0, *range(-9, 0), *range(1, 10)], _F32)
     numer = np.where(steps == 0, _F32(nmax), _F32(nmax) + _F32(0.1) * steps).astype(_F32)[:, None]
     numer = xp.asarray(numer, device=device(x))
+    if COMPILED and isinstance(x, np.ndarray):  # the same search compiled, sub-blocks as lanes
+        return _make_qx_compiled(x, w, nmax, np.ascontiguousarray(numer[:, 0]))
     scale = xp.zeros(n, dtype=xp.float32, device=device(x))
     codes = xp.zeros((n, k), dtype=xp.uint8, device=device(x))
     for sl in _chunks(n, k * numer.shape[0]):
         scale[sl], codes[sl] = _make_qx_chunk(x[sl], w[sl], nmax, numer)
+    return scale, codes
+
+
+def _make_qx_compiled(
+    x: np.ndarray, w: np.ndarray, nmax: int, numer: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    from . import qkx_jit  # numba's import only where it is used
+
+    n, k = x.shape
+    scale, codes = np.empty(n, _F32), np.empty((n, k), np.uint8)
+    for a in range(0, n, _JIT_LANES):
+        b = min(a + _JIT_LANES, n)
+        ct = np.zeros((k, b - a), np.uint8)
+        xt, wt = np.ascontiguousarray(x[a:b].T), np.ascontiguousarray(w[a:b].T)
+        qkx_jit.make_qx(xt, wt, nmax, numer, GROUP_MAX_EPS, scale[a:b], ct)
+        codes[a:b] = ct.T
     return scale, codes
 
 
