@@ -13,6 +13,8 @@ kind, with the same bits (see ``xp``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .xp import Array, array_namespace, const, contiguous, device, errstate, take_rows
@@ -22,7 +24,8 @@ _F32 = np.float32
 GROUP_MAX_EPS = _F32(1e-15)
 # Values per chunk of the temporaries (measured best on CPU: cache-sized, yet long numpy calls).
 _CHUNK_VALUES = 1 << 19
-# NumPy inputs take the compiled `make_qkx3_quants` (`qkx_jit`, same bytes); False: the array version
+# NumPy inputs take the compiled `make_qx_quants`/`make_qkx3_quants` (`qkx_jit`, same bytes); False:
+# the array versions
 COMPILED = True
 # sub-blocks per call of the compiled search: its (k, lanes) scratch stays in the L1/L2 cache
 _JIT_LANES = 512
@@ -79,6 +82,19 @@ def importance_weights(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     return (importance.astype(_F32)[None, :] * np.sqrt(sigma2 + rows * rows)).astype(_F32)
 
 
+def _in_lanes(x: np.ndarray, w: np.ndarray, run: Callable[..., None]) -> np.ndarray:
+    """Codes ``(n, k)`` of a compiled search (`qkx_jit`) run as ``run(xt, wt, rows, codes_t)`` on
+    `_JIT_LANES` sub-blocks at a time, values and weights transposed to ``(k, lanes)``."""
+    n, k = x.shape
+    codes = np.empty((n, k), np.uint8)
+    for a in range(0, n, _JIT_LANES):
+        rows = slice(a, min(a + _JIT_LANES, n))
+        ct = np.zeros((k, rows.stop - a), np.uint8)
+        run(np.ascontiguousarray(x[rows].T), np.ascontiguousarray(w[rows].T), rows, ct)
+        codes[rows] = ct.T
+    return codes
+
+
 def _chunks(n: int, per_block: int):
     step = max(1, _CHUNK_VALUES // max(per_block, 1))
     for s in range(0, n, step):
@@ -110,27 +126,17 @@ def make_qx_quants(x: Array, nmax: int, weights: Array | None = None) -> tuple[A
     numer = np.where(steps == 0, _F32(nmax), _F32(nmax) + _F32(0.1) * steps).astype(_F32)[:, None]
     numer = xp.asarray(numer, device=device(x))
     if COMPILED and isinstance(x, np.ndarray):  # the same search compiled, sub-blocks as lanes
-        return _make_qx_compiled(x, w, nmax, np.ascontiguousarray(numer[:, 0]))
+        from . import qkx_jit  # numba's import only where it is used
+
+        num, scale = np.ascontiguousarray(numer[:, 0]), np.empty(n, _F32)
+        codes = _in_lanes(
+            x, w, lambda xt, wt, sl, c: qkx_jit.make_qx(xt, wt, nmax, num, GROUP_MAX_EPS, scale[sl], c)
+        )
+        return scale, codes
     scale = xp.zeros(n, dtype=xp.float32, device=device(x))
     codes = xp.zeros((n, k), dtype=xp.uint8, device=device(x))
     for sl in _chunks(n, k * numer.shape[0]):
         scale[sl], codes[sl] = _make_qx_chunk(x[sl], w[sl], nmax, numer)
-    return scale, codes
-
-
-def _make_qx_compiled(
-    x: np.ndarray, w: np.ndarray, nmax: int, numer: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    from . import qkx_jit  # numba's import only where it is used
-
-    n, k = x.shape
-    scale, codes = np.empty(n, _F32), np.empty((n, k), np.uint8)
-    for a in range(0, n, _JIT_LANES):
-        b = min(a + _JIT_LANES, n)
-        ct = np.zeros((k, b - a), np.uint8)
-        xt, wt = np.ascontiguousarray(x[a:b].T), np.ascontiguousarray(w[a:b].T)
-        qkx_jit.make_qx(xt, wt, nmax, numer, GROUP_MAX_EPS, scale[a:b], ct)
-        codes[a:b] = ct.T
     return scale, codes
 
 
@@ -196,35 +202,15 @@ def make_qkx3_quants(
     codes = xp.zeros((n, k), dtype=xp.uint8, device=dev)
     grid = (_F32(rmin) + _F32(rdelta) * np.arange(nstep + 1, dtype=_F32) + _F32(nmax)).astype(_F32)
     if COMPILED and isinstance(x, np.ndarray):  # the same search compiled, sub-blocks as lanes
-        return _make_qkx3_compiled(x, w, nmax, grid, use_mad)
+        from . import qkx_jit  # numba's import only where it is used
+
+        codes = _in_lanes(
+            x, w, lambda xt, wt, sl, c: qkx_jit.make_qkx3(xt, wt, nmax, grid, use_mad, scale[sl], m[sl], c)
+        )
+        return scale, m, codes
     grid = xp.asarray(grid, device=dev)
     for sl in _chunks(n, 2 * k):
         scale[sl], m[sl], codes[sl] = _make_qkx3_chunk(x[sl], w[sl], nmax, grid, use_mad)
-    return scale, m, codes
-
-
-def _make_qkx3_compiled(
-    x: np.ndarray, w: np.ndarray, nmax: int, grid: np.ndarray, use_mad: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from . import qkx_jit  # numba's import only where it is used
-
-    n, k = x.shape
-    scale, m = np.empty(n, _F32), np.empty(n, _F32)
-    codes = np.empty((n, k), np.uint8)
-    for a in range(0, n, _JIT_LANES):
-        b = min(a + _JIT_LANES, n)
-        ct = np.empty((k, b - a), np.uint8)
-        qkx_jit.make_qkx3(
-            np.ascontiguousarray(x[a:b].T),
-            np.ascontiguousarray(w[a:b].T),
-            nmax,
-            grid,
-            use_mad,
-            scale[a:b],
-            m[a:b],
-            ct,
-        )
-        codes[a:b] = ct.T
     return scale, m, codes
 
 
