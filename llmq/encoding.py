@@ -130,6 +130,10 @@ class Target:
         weighted = importance and self.encoder.weighted and codec.supports_importance
         return quants_math.COMPILED and not self.grouped and codec.compiled_faster[weighted]
 
+    def fast_cpu(self, importance: bool = True) -> bool:
+        """Whether CPU encodes run C or compiled code (libggml or `uses_compiled`), which releases the GIL."""
+        return self.uses_libggml(importance) or self.uses_compiled(importance)
+
     @overload
     def fake_quant(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray: ...
     @overload
@@ -156,8 +160,7 @@ class Target:
         llama.cpp's per-sub-block loops as many small operations, 5-11 M weights/s on an H200
         (BENCHMARKS.md)."""
         codec = self.codec_class()
-        cpu_faster = self.uses_libggml(importance) or self.uses_compiled(importance)
-        return device.type != "cpu" and codec.array_api and not self.grouped and not cpu_faster
+        return device.type != "cpu" and codec.array_api and not self.grouped and not self.fast_cpu(importance)
 
 
 # Rows encoded per step: the float32 copy and the codec's temporaries stay near this many values,
@@ -229,10 +232,7 @@ def encode_tensor(
 
     starts = range(0, rows.shape[0], step)
     # BLAS, C and the compiled searches release the GIL
-    weighted = importance is not None
-    if (factor is not None or target.uses_libggml(weighted) or target.uses_compiled(weighted)) and len(
-        starts
-    ) > 1:
+    if (factor is not None or target.fast_cpu(importance is not None)) and len(starts) > 1:
         with ThreadPoolExecutor(ENCODE_THREADS) as pool:
             list(pool.map(slab, starts))
     else:

@@ -60,8 +60,7 @@ def test_fake_quant_of_a_tensor_is_the_numpy_values(device: str, codec: str, gro
             forced = _torch_fake_quant(t, w.to(device), imp)
             np.testing.assert_array_equal(forced.cpu().numpy(), t.fake_quant(w.numpy(), imp))
         assert isinstance(ours, torch.Tensor) and ours.device.type == device
-        cpu_faster = t.uses_libggml() or t.uses_compiled()
-        on_gpu = device != "cpu" and REGISTRY[codec].array_api and not t.grouped and not cpu_faster
+        on_gpu = device != "cpu" and REGISTRY[codec].array_api and not t.grouped and not t.fast_cpu()
         assert t.on_device(torch.device(device)) == on_gpu
         np.testing.assert_array_equal(ours.cpu().numpy(), t.fake_quant(w.numpy(), imp))
 

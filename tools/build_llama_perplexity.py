@@ -1,13 +1,15 @@
-"""Build llama.cpp's own `llama-perplexity` (and `llama-quantize`) from the llama-cpp-python sdist, and run it.
+"""Build llama.cpp's own `llama-perplexity` (and `llama-quantize`, `llama-imatrix`) from the llama-cpp-python
+sdist, and run it.
 
 The test suite checks that `llmq.eval.perplexity` (which drives llama.cpp through llama-cpp-python)
 reports the same figure as llama.cpp's reference tool on the same GGUF. The tool must come from the
 very llama.cpp sources the installed bindings were built from, so this script downloads the
 llama-cpp-python sdist of the installed version (it vendors llama.cpp under `vendor/llama.cpp`),
-builds only the `llama-perplexity` and `llama-quantize` targets (the latter proves llama.cpp reads
-the importance-matrix files llmq writes), statically linked against llama/ggml, and caches them:
+builds only the `llama-perplexity`, `llama-quantize` and `llama-imatrix` targets (the latter two
+prove llama.cpp reads the importance-matrix files llmq writes and computes the same importance
+matrix), statically linked against llama/ggml, and caches them:
 
-    $LLMQ_TEST_CACHE (or ~/.cache/llmq-tests)/llama.cpp-<version>/bin/llama-{perplexity,quantize}
+    $LLMQ_TEST_CACHE (or ~/.cache/llmq-tests)/llama.cpp-<version>/bin/llama-{perplexity,quantize,imatrix}
 
 The build happens in a temporary folder beside the cache entry and is renamed into place at the
 end, so a half-built entry is never visible. It takes about ten minutes on two busy cores.

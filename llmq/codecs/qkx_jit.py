@@ -1,4 +1,5 @@
-"""`quants_math.make_qkx3_quants` compiled with numba: ggml's ``make_qkx3_quants`` for many sub-blocks at once.
+"""`quants_math.make_qkx3_quants` and `make_qx_quants` compiled with numba: ggml's ``make_qkx3_quants``
+and ``make_qx_quants`` for many sub-blocks at once.
 
 The sub-blocks are the lanes: every loop runs over them innermost, on ``(k, n)`` arrays (value ``i``
 of sub-block ``b`` at ``[i, b]``), so the compiler vectorizes across sub-blocks while each sub-block

@@ -199,7 +199,6 @@ def make_qkx3_quants(
     n, k = x.shape
     dev = device(x)
     scale, m = xp.zeros(n, dtype=xp.float32, device=dev), xp.zeros(n, dtype=xp.float32, device=dev)
-    codes = xp.zeros((n, k), dtype=xp.uint8, device=dev)
     grid = (_F32(rmin) + _F32(rdelta) * np.arange(nstep + 1, dtype=_F32) + _F32(nmax)).astype(_F32)
     if COMPILED and isinstance(x, np.ndarray):  # the same search compiled, sub-blocks as lanes
         from . import qkx_jit  # numba's import only where it is used
@@ -208,6 +207,7 @@ def make_qkx3_quants(
             x, w, lambda xt, wt, sl, c: qkx_jit.make_qkx3(xt, wt, nmax, grid, use_mad, scale[sl], m[sl], c)
         )
         return scale, m, codes
+    codes = xp.zeros((n, k), dtype=xp.uint8, device=dev)
     grid = xp.asarray(grid, device=dev)
     for sl in _chunks(n, 2 * k):
         scale[sl], m[sl], codes[sl] = _make_qkx3_chunk(x[sl], w[sl], nmax, grid, use_mad)
