@@ -21,7 +21,7 @@ from torch import nn
 from .arch import ArchSpec
 from .arch.base import Experts
 from .errors import LlmqError
-from .precision import CPU_MATMUL, matmul_precision, resolve_forward_dtype
+from .precision import CPU_MATMUL, matmul_precision, resolve_dtype
 
 if TYPE_CHECKING:
     from .calib import Calibration
@@ -111,7 +111,7 @@ class LayerRunner:
     ) -> None:
         rotary = arch.rotary_class()
         self.device = torch.device(device)
-        self.autocast = resolve_forward_dtype(forward_dtype, self.device) == "bfloat16"
+        self.autocast = resolve_dtype(forward_dtype, self.device) == "bfloat16"
         self.rotary = rotary(config).to(self.device) if rotary is not None else None
         # one rotary module for several layer types (Gemma 3: local and global bases) takes the type
         self.typed_rotary = (
@@ -184,8 +184,9 @@ class InputStats:
     # rows of the Gram updated per step by `divide` (bounds its temporary to ROWS x C)
     ROWS = 1024
     # `add` sums the Gram's upper block triangle only, in square blocks of this width (a Gram is
-    # symmetric): 4096 inputs cost 62% of the full product, 14336 inputs 54%; mirrored once, when read
-    BLOCK = 1024
+    # symmetric), mirrored once when read: 576 inputs cost 70% of the full product's FLOPs, 4096 53%;
+    # narrower blocks lose more BLAS efficiency than they save (BENCHMARKS.md, "Gram block width")
+    BLOCK = 256
 
     def __init__(self, channels: int, device: str | torch.device = "cpu", *, gram: bool = True) -> None:
         self._gram: torch.Tensor | None = (

@@ -30,11 +30,13 @@ from .arch import ArchSpec, ScaleGroup
 from .clip import THREADS, clip_search, group_bounds, output_error
 from .encoding import Target
 from .errors import LlmqError
+from .precision import resolve_dtype
 from .search import LayerReport, register_search
 
 log = logging.getLogger(__name__)
 
 INPUT_MODES = ("fp", "quant")
+SCORE_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ class AWQConfig:
             stride of the best (`best_scale`); 1 scores the whole grid. 4 scores 11-12 of the 21
             candidates and chose as the whole grid on all 90 SmolLM2 and 72 Qwen2.5-Coder groups
             of Q4_K_M (BENCHMARKS.md, "Scale, stop 19").
+        score_dtype: precision of the candidates' ``E @ G`` products (sums stay float32): ``auto`` is
+            bfloat16 where the device multiplies it natively (`precision.resolve_dtype`). bfloat16
+            picked as float32 on all 90 SmolLM2 Q4_K_M groups, at half the time per candidate on
+            an 8B ``ffn_down`` (BENCHMARKS.md, "bfloat16 scoring").
     """
 
     n_grid: int = 20
@@ -75,6 +81,7 @@ class AWQConfig:
     sample_rows: int = 1024
     exact_scoring: bool = False
     coarse_stride: int = 4
+    score_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -87,6 +94,8 @@ class AWQConfig:
             raise LlmqError(f"AWQ inputs {self.inputs!r}: choose one of {', '.join(INPUT_MODES)}")
         if self.coarse_stride < 1:
             raise LlmqError(f"AWQ coarse_stride must be >= 1 (1: the whole grid), got {self.coarse_stride}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise LlmqError(f"AWQ score_dtype {self.score_dtype!r}: choose one of {', '.join(SCORE_DTYPES)}")
         if self.sample_rows < 0:
             raise LlmqError(f"AWQ sample_rows must be >= 0 (0: all rows), got {self.sample_rows}")
 
@@ -245,7 +254,13 @@ def best_scale(ws: list[torch.Tensor], targets: list[Target], st: InputStats, cf
     def score(indices: list[int]) -> None:
         new = [i for i in indices if i not in losses]
         values = scale_losses(
-            ws, targets, st, [None if i < 0 else cands[i] for i in new], cfg.sample_rows, cfg.exact_scoring
+            ws,
+            targets,
+            st,
+            [None if i < 0 else cands[i] for i in new],
+            cfg.sample_rows,
+            cfg.exact_scoring,
+            cfg.score_dtype,
         )
         losses.update(zip(new, values, strict=True))
 
@@ -287,6 +302,7 @@ def scale_losses(
     candidates: list[torch.Tensor | None],
     sample: int = 0,
     exact: bool = True,
+    dtype: str = "float32",
 ) -> list[float]:
     """Output error per output row of a scale group's linears for each candidate scale (None: unscaled).
 
@@ -298,6 +314,7 @@ def scale_losses(
         candidates: per-column scales ``(K,)`` multiplied into the weights, or None.
         sample: score on this many rows of each linear (`sample_rows`; 0: all).
         exact: see `AWQConfig.exact_scoring`.
+        dtype: see `AWQConfig.score_dtype`.
 
     Returns:
         One loss per candidate: ``sum((E @ G) * E)`` over the scored rows divided by their number.
@@ -306,6 +323,8 @@ def scale_losses(
     # the summed Gram, not a mean copy of it (3.3 GB at 28672 inputs): losses divide by the tokens.
     # Scoring runs where the statistics are (a GPU's encoders and products, or the CPU's).
     mean_sq, gram = st.mean_sq, st.gram
+    if resolve_dtype(dtype, gram.device) == "bfloat16":  # a copy for this group's candidates
+        gram = gram.to(torch.bfloat16)
     ws = [sample_rows(w, sample).to(gram.device) for w in ws]
     n_out = sum(w.shape[0] for w in ws) * max(st.n, 1)
 

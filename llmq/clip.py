@@ -21,8 +21,9 @@ THREADS = min(2, os.cpu_count() or 1)
 
 
 def output_error(e: torch.Tensor, gram: torch.Tensor) -> float:
-    """Mean over tokens of ``|E x|^2`` summed over output rows: ``sum((E @ G) * E)``."""
-    return float(((e @ gram) * e).sum())
+    """Mean over tokens of ``|E x|^2`` summed over output rows: ``sum((E @ G) * E)``; a bfloat16
+    ``gram`` multiplies in bfloat16 and sums in float32."""
+    return float(((e.to(gram.dtype) @ gram).float() * e).sum())
 
 
 def group_bounds(k: int, group: int) -> list[tuple[int, int]]:

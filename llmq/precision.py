@@ -9,9 +9,10 @@ from contextlib import contextmanager
 import torch
 
 
-def resolve_forward_dtype(name: str, device: torch.device) -> str:
-    """`CalibConfig.forward_dtype` on ``device``: ``auto`` is ``bfloat16`` where the device multiplies
-    it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), otherwise ``float32``."""
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """A dtype setting (`CalibConfig.forward_dtype`, `AWQConfig.score_dtype`) on ``device``: ``auto``
+    is ``bfloat16`` where the device multiplies it natively (a CUDA GPU that supports it, a CPU with
+    AVX512-BF16 or AMX), otherwise ``float32``; other names are returned as they are."""
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -42,4 +43,4 @@ def matmul_precision(precision: str | None) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
-__all__ = ["CPU_MATMUL", "matmul_precision", "resolve_forward_dtype"]
+__all__ = ["CPU_MATMUL", "matmul_precision", "resolve_dtype"]

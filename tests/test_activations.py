@@ -76,14 +76,14 @@ def test_a_bfloat16_forward_keeps_float32_statistics(tmp_path: Path) -> None:
 def test_auto_forward_dtype_is_bfloat16_where_the_cpu_has_it(
     native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llmq.activations import resolve_forward_dtype
+    from llmq.activations import resolve_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
-    assert resolve_forward_dtype("auto", cpu) == ("bfloat16" if native else "float32")
-    assert resolve_forward_dtype("float32", cpu) == "float32"
-    assert resolve_forward_dtype("bfloat16", cpu) == "bfloat16"
+    assert resolve_dtype("auto", cpu) == ("bfloat16" if native else "float32")
+    assert resolve_dtype("float32", cpu) == "float32"
+    assert resolve_dtype("bfloat16", cpu) == "bfloat16"
 
 
 def test_store_round_trips_batches(tmp_path: Path) -> None:

@@ -254,7 +254,7 @@ def test_imatrix_is_the_mean_square_of_each_linear_input(
     import llmq.activations
     from llmq.imatrix import compute_imatrix
 
-    monkeypatch.setattr(llmq.activations, "resolve_forward_dtype", lambda _name, _device: forward)
+    monkeypatch.setattr(llmq.activations, "resolve_dtype", lambda _name, _device: forward)
     tokens = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(4))
     imat = compute_imatrix(tiny, tokens, progress=False)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
@@ -404,7 +404,7 @@ def test_best_scale_scores_coarse_then_fine(
     alphas, cands = awq.candidate_scales([w], [Target("Q8_0", 32)], st, cfg)
     scored: list[int] = []
 
-    def losses(ws, ts, st, candidates, sample, exact):  # type: ignore[no-untyped-def]
+    def losses(ws, ts, st, candidates, sample, exact, dtype):  # type: ignore[no-untyped-def]
         idx = [
             -1 if c is None else next(i for i, k in enumerate(cands) if torch.equal(k, c)) for c in candidates
         ]
@@ -423,3 +423,31 @@ def test_best_scale_scores_coarse_then_fine(
         assert {-1, 0, 4, 8, 12, 16} <= set(scored) and len(scored) <= 6 + 2 * (stride - 1)
     with pytest.raises(llmq.LlmqError, match="coarse_stride"):
         AWQConfig(coarse_stride=0)
+
+
+def test_bfloat16_scoring_ranks_candidates_as_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`AWQConfig.score_dtype`: the candidates' ``E @ G`` in bfloat16 (sums in float32) gives losses
+    within bfloat16's rounding of float32's and the same pick; ``auto`` follows the CPU's bf16 support."""
+    from llmq.activations import InputStats
+    from llmq.awq import candidate_scales, scale_losses
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(512, 256, generator=gen) * (torch.rand(256, generator=gen) ** 4 * 30 + 0.1)
+    st = InputStats(256)
+    st.add(x)
+    ws = [torch.randn(48, 256, generator=gen) * 0.05, torch.randn(32, 256, generator=gen) * 0.05]
+    ts = [Target("Q4_K", 256, EncoderConfig())] * 2
+    cands = [None, *candidate_scales(ws, ts, st, AWQConfig())[1]]
+    f32 = scale_losses(ws, ts, st, cands, dtype="float32")
+    b16 = scale_losses(ws, ts, st, cands, dtype="bfloat16")
+    assert f32 != b16  # the products did run in bfloat16
+    assert b16 == pytest.approx(f32, rel=2e-3)
+    assert min(range(len(f32)), key=f32.__getitem__) == min(range(len(b16)), key=b16.__getitem__)
+    e, g = ws[0], st.gram
+    assert output_error(e, g.bfloat16()) == float(((e.bfloat16() @ g.bfloat16()).float() * e).sum())
+    for native, want in ((False, f32), (True, b16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert scale_losses(ws, ts, st, cands, dtype="auto") == want
+    with pytest.raises(llmq.LlmqError, match="score_dtype"):
+        AWQConfig(score_dtype="float16")

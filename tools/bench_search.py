@@ -3,7 +3,9 @@
 For each requested decoder layer of a model, the scale groups' candidate losses are computed by the
 reference score (every output row, the storing encoder) and by each variant (``rows:N``: a fixed sample
 of N rows per linear; ``fast``: `Target.scorer`, the storing encoder without K-quant refinement and, for group-wise
-types, min/max fits; ``rtn``: round to nearest, unweighted; ``fast+rows:N`` both).
+types, min/max fits; ``rtn``: round to nearest, unweighted; ``bf16``: the ``E @ G`` products in
+bfloat16, `AWQConfig.score_dtype`; parts join with ``+``, e.g. ``fast+rows:1024+bf16``).
+``--reference`` names the variant the others are judged against (default ``full``).
 A variant agrees on a group when it picks the same candidate (unscaled included); its regret is the
 reference loss of its pick over the reference loss of the reference pick, minus one. Layers see the FP
 inputs of the layers before them (the K recipe's ``inputs="fp"``), so no choice changes another's data.
@@ -36,18 +38,20 @@ CACHE = Path(os.environ.get("LLMQ_TEST_CACHE") or Path.home() / ".cache" / "llmq
 CALIB = ROOT.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
 
 
-def parse_variant(v: str) -> tuple[int, bool, bool]:
-    sample, exact, rtn = 0, True, False
+def parse_variant(v: str) -> tuple[int, bool, bool, str]:
+    sample, exact, rtn, dtype = 0, True, False, "float32"
     for part in v.split("+"):
-        if part == "fast":
+        if part == "bf16":
+            dtype = "bfloat16"
+        elif part == "fast":
             exact = False
         elif part == "rtn":
             exact, rtn = False, True
         elif part.startswith("rows:"):
             sample = int(part[5:])
         elif part != "full":
-            raise SystemExit(f"variant {v!r}: parts are full, fast, rtn, rows:N")
-    return sample, exact, rtn
+            raise SystemExit(f"variant {v!r}: parts are full, fast, rtn, bf16, rows:N")
+    return sample, exact, rtn, dtype
 
 
 def main() -> int:
@@ -62,9 +66,10 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--layers", default="0,8,16,24")
     ap.add_argument("--variants", default="rows:128,rows:256,rows:512,fast,fast+rows:256")
+    ap.add_argument("--reference", default="full", help="the variant the others are judged against")
     args = ap.parse_args()
     layers = sorted(int(x) for x in args.layers.split(","))
-    variants = ["full", *args.variants.split(",")]
+    variants = [args.reference, *args.variants.split(",")]
     quant = (
         llmq.QuantConfig(bits=4, group_size=args.group) if args.group else llmq.QuantConfig(quant=args.quant)
     )
@@ -94,10 +99,10 @@ def main() -> int:
                 cands = [None, *candidate_scales(ws, ts, st, job.awq)[1]]
                 ref = None
                 for v in variants:
-                    sample, exact, rtn = parse_variant(v)
+                    sample, exact, rtn, dtype = parse_variant(v)
                     vts = [replace(t, encoder=replace(t.encoder, weighted=False)) for t in ts] if rtn else ts
                     t0 = time.perf_counter()
-                    losses = scale_losses(ws, vts, st, cands, sample, exact)
+                    losses = scale_losses(ws, vts, st, cands, sample, exact, dtype)
                     seconds[v] += time.perf_counter() - t0
                     pick = min(range(len(losses)), key=lambda i: (losses[i], i))
                     if ref is None:
@@ -119,7 +124,7 @@ def main() -> int:
         r = regret[v]
         print(
             f"{v:<18} {agree[v] / n_groups:>7.0%} {sum(r) / len(r):>12.2e} {max(r):>11.2e} "
-            f"{seconds[v]:>8.1f} {seconds['full'] / seconds[v]:>7.1f}x"
+            f"{seconds[v]:>8.1f} {seconds[args.reference] / seconds[v]:>7.1f}x"
         )
     return 0
 
