@@ -30,13 +30,12 @@ from .arch import ArchSpec, ScaleGroup
 from .clip import THREADS, clip_search, group_bounds, output_error
 from .encoding import Target
 from .errors import LlmqError
-from .precision import resolve_dtype
+from .precision import DTYPES, resolve_dtype
 from .search import LayerReport, register_search
 
 log = logging.getLogger(__name__)
 
 INPUT_MODES = ("fp", "quant")
-SCORE_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -94,8 +93,8 @@ class AWQConfig:
             raise LlmqError(f"AWQ inputs {self.inputs!r}: choose one of {', '.join(INPUT_MODES)}")
         if self.coarse_stride < 1:
             raise LlmqError(f"AWQ coarse_stride must be >= 1 (1: the whole grid), got {self.coarse_stride}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise LlmqError(f"AWQ score_dtype {self.score_dtype!r}: choose one of {', '.join(SCORE_DTYPES)}")
+        if self.score_dtype not in DTYPES:
+            raise LlmqError(f"AWQ score_dtype {self.score_dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.sample_rows < 0:
             raise LlmqError(f"AWQ sample_rows must be >= 0 (0: all rows), got {self.sample_rows}")
 

@@ -23,14 +23,12 @@ import numpy as np
 import torch
 
 from .errors import LlmqError, SourceError
+from .precision import DTYPES
 
 BUILTIN = "builtin"
 DEFAULT_SOURCE = BUILTIN
 # What `--calib hub:` fetches when only a dataset is named: AWQ's Pile validation sample.
 DEFAULT_HUB_FILES = {"mit-han-lab/pile-val-backup": "val.jsonl.zst"}
-
-
-FORWARD_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -58,9 +56,9 @@ class CalibConfig:
     forward_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.forward_dtype not in FORWARD_DTYPES:
+        if self.forward_dtype not in DTYPES:
             raise LlmqError(
-                f"calibration forward_dtype {self.forward_dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}"
+                f"calibration forward_dtype {self.forward_dtype!r}: choose one of {', '.join(DTYPES)}"
             )
         for name in ("n_samples", "seqlen", "batch_size"):
             if getattr(self, name) <= 0:

@@ -8,6 +8,9 @@ from contextlib import contextmanager
 
 import torch
 
+# the values a dtype setting takes (`CalibConfig.forward_dtype`, `AWQConfig.score_dtype`)
+DTYPES = ("auto", "float32", "bfloat16")
+
 
 def resolve_dtype(name: str, device: torch.device) -> str:
     """A dtype setting (`CalibConfig.forward_dtype`, `AWQConfig.score_dtype`) on ``device``: ``auto``
@@ -43,4 +46,4 @@ def matmul_precision(precision: str | None) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
-__all__ = ["CPU_MATMUL", "matmul_precision", "resolve_dtype"]
+__all__ = ["CPU_MATMUL", "DTYPES", "matmul_precision", "resolve_dtype"]
