@@ -65,15 +65,19 @@ class ActivationStore:
     def write(self, i: int, x: torch.Tensor) -> None:
         start, stop = self._span(i)
         assert tuple(x.shape) == (stop - start, self.seqlen, self.hidden), (tuple(x.shape), start, stop)
-        data = x.detach().to(torch.float32).contiguous().numpy().tobytes()
-        os.pwrite(self._file.fileno(), data, start * self._row)
+        data = x.detach().to(torch.float32).contiguous().numpy()
+        os.pwrite(self._file.fileno(), memoryview(data).cast("B"), start * self._row)  # no bytes copy
 
     def read(self, i: int) -> torch.Tensor:
         start, stop = self._span(i)
-        data = os.pread(self._file.fileno(), (stop - start) * self._row, start * self._row)
-        return torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy()).view(
-            stop - start, self.seqlen, self.hidden
-        )
+        out = torch.empty(stop - start, self.seqlen, self.hidden, dtype=torch.float32)
+        view = memoryview(out.numpy()).cast("B")  # read straight into the tensor
+        done = os.preadv(self._file.fileno(), [view], start * self._row)
+        if done != view.nbytes:
+            raise LlmqError(
+                f"activation file: read {done} of {view.nbytes} bytes of windows {start}-{stop - 1}"
+            )
+        return out
 
     def save(self, path: Path) -> None:
         """Copy every window's activations to ``path``, flushed to disk."""

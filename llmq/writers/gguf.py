@@ -7,6 +7,7 @@ complete, so an interrupted conversion never leaves a file that looks whole.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from types import TracebackType
 
@@ -17,6 +18,8 @@ from ..background import Background
 from ..codecs import REGISTRY
 from ..errors import OutputExistsError
 from ..plan import TensorPlan
+
+STRING = int(gguf.GGUFValueType.STRING)
 
 
 def check_output(path: Path, *, overwrite: bool) -> None:
@@ -69,6 +72,7 @@ class GGUFStreamWriter:
         self.gguf.write_header_to_file()
         self.gguf.write_kv_data_to_file()
         self.gguf.write_ti_data_to_file()
+        self._header_end = self.gguf.fout[0].tell()  # type: ignore[index]  # where tensor data starts
         self._pending = list(plans)
         self._began = True
 
@@ -95,15 +99,18 @@ class GGUFStreamWriter:
         self._patches.update(values)
 
     def _apply_patches(self) -> None:
-        # same-size values at the offsets gguf-py's reader finds: the layout does not move
-        reader = gguf.GGUFReader(self.tmp, "r+")
-        for key, value in self._patches.items():
-            part = reader.fields[key].parts[reader.fields[key].data[0]]
-            raw = np.frombuffer(value.encode("utf-8"), np.uint8)
-            assert raw.size == part.size, f"{key}: patched string is {raw.size} bytes, not {part.size}"
-            part[:] = raw
-        reader.data.flush()
-        del reader
+        # same-size values in place: each found by its key/value entry as GGUF lays it out (key
+        # length, key, type STRING, value length) in the header, read once (no parse of the file)
+        with open(self.tmp, "r+b") as f:
+            head = f.read(self._header_end)
+            for key, value in self._patches.items():
+                raw = value.encode("utf-8")
+                name = key.encode("utf-8")
+                entry = struct.pack("<Q", len(name)) + name + struct.pack("<IQ", STRING, len(raw))
+                at = head.find(entry)
+                assert at >= 0, f"{key}: no placeholder of {len(raw)} bytes in the header"
+                f.seek(at + len(entry))
+                f.write(raw)
 
     def commit(self) -> Path:
         """Close the file and move it into place."""
