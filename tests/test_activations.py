@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny, make_tiny_llama
 
 import llmq
-from llmq.activations import ActivationStore, LayerRunner, embed
+from llmq.activations import ActivationStore, LayerRunner, capture_inputs, embed
+from llmq.arch import registered
 from llmq.calib import CalibConfig, calibration_tokens, read_texts, windows
 from llmq.errors import LlmqError, SourceError
 
@@ -39,6 +40,41 @@ def test_streamed_layers_reproduce_the_full_model(tmp_path: Path) -> None:
         ref = hf(tokens, output_hidden_states=True).hidden_states[-1]  # after the final norm
         ours = hf.model.norm(ours)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(registered()))
+def test_a_capture_whose_output_is_not_kept_stops_after_the_last_input(family: str, tmp_path: Path) -> None:
+    """`capture_inputs` with ``write_outputs=False`` records the same statistics bit for bit, leaves the
+    windows as they were and, in a dense layer, never runs its last linear (the forward stops at that
+    linear's input)."""
+    model_dir = make_tiny(family, tmp_path / "m", n_layers=1, dtype=torch.float32)
+    ckpt = llmq.Checkpoint(model_dir)
+    arch = llmq.get_arch(ckpt.config)
+    layer = next(iter(llmq.LayerStream(ckpt, arch)))[1]
+    runner = LayerRunner(ckpt.config, arch)
+    x = torch.randn(4, 16, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    last = layer.get_submodule(arch.capture_modules[-1])
+    calls = []
+    last.register_forward_hook(lambda *_: calls.append(1))
+    stats, outs = [], []
+    for write in (True, False):
+        store = ActivationStore(4, 16, ckpt.config.hidden_size, batch_size=2, directory=str(tmp_path))
+        for i in range(len(store)):
+            store.write(i, x[2 * i : 2 * i + 2])
+        calls.clear()
+        stats.append(
+            capture_inputs(
+                layer, arch.capture_modules, store, runner, write_outputs=write, experts=arch.experts
+            )
+        )
+        outs.append(torch.cat(list(store)))
+        assert len(calls) == (2 if write or arch.experts is not None else 0)
+    assert not torch.equal(outs[0], x) and torch.equal(outs[1], x)
+    assert stats[0].keys() == stats[1].keys()
+    for name, st in stats[0].items():
+        assert st.n == stats[1][name].n
+        assert torch.equal(st.gram, stats[1][name].gram), name
+        assert torch.equal(st.abs_sum, stats[1][name].abs_sum), name
 
 
 def test_a_bfloat16_forward_keeps_float32_statistics(tmp_path: Path) -> None:
