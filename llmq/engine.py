@@ -33,6 +33,7 @@ from .config import QuantConfig
 from .distributed import all_reduce_stats, owners, share, world
 from .encoding import EncoderConfig, Target, encode_tensor
 from .errors import LlmqError
+from .estimate import calibration_cost
 from .gptq import feedback_factor
 from .imatrix_io import ImatrixFile, check_imatrix
 from .methods import LayerReport, Search, get_search
@@ -212,6 +213,11 @@ def run(job: Job, sinks: Sequence[Sink], work: WorkDir | None = None) -> list[La
     # without forwards the layer keeps the checkpoint's dtype: each encoded slab is converted alone
     stream = LayerStream(job.ckpt, job.arch, dtype=torch.float32 if flow is not None else None)
     start = 0 if work is None else work.resume_point(needs_activations=flow is not None)
+    if flow is not None and job.progress:  # what the calibration alone will cost, before it starts
+        gram = InputStats.BLOCK if _needs_gram(job) else None
+        cost = calibration_cost(job, (flow.store.n_samples, flow.store.seqlen), gram_block=gram, start=start)
+        if cost:
+            print(f"llmq: {cost}", file=sys.stderr)
     if start:
         log.warning("resuming: layers 0-%d are kept in %s", start - 1, work.path)  # type: ignore[union-attr]
         if flow is not None:

@@ -4,6 +4,7 @@ determinism, reports and metadata, and a quality gain over round-to-nearest on a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -300,6 +301,9 @@ def test_cli_awq_offline_with_builtin_calibration(
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "calibration: builtin, up to 4 x 32 tokens" in captured.err  # said before it starts
+    assert re.search(
+        r"calibration work: [\d.e+-]+ TFLOP per layer .* GFLOP/s, so at least .* for 2 layers", captured.err
+    )
     assert "AWQ calibrated on builtin" in captured.out
     fields = gguf.GGUFReader(out).fields
     settings = parse_awq_text(fields["llmq.awq"].contents())
