@@ -14,8 +14,8 @@ from .arch import ArchSpec
 from .plan import TensorPlan
 from .precision import CPU_MATMUL, matmul_precision
 
-# the probe's square product per device type: large enough for the steady rate (2 CPU cores: the
-# rate of 2048 at 0.05 s instead of 0.35 s), and for a GPU to be compute-bound
+# the probe's square product per device type: a CPU reaches its steady rate at 1024 already, a GPU
+# needs a larger product to be compute-bound
 PROBE = {"cpu": 1024, "cuda": 4096}
 
 
@@ -32,7 +32,7 @@ def layer_flops(
     tokens: int,
     seqlen: int,
     attn_width: int,
-    forwards: float,
+    forwards: int,
     last_reader: str | None,
     gram_block: int | None,
 ) -> float:
