@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .arch import ArchSpec
+from .arch.hparams import head_dim
 from .plan import TensorPlan
 from .precision import CPU_MATMUL, matmul_precision
 
@@ -113,20 +114,17 @@ def calibration_cost(
     layers: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
     for p in plans:
         if p.role == "linear" and p.layer is not None and p.layer >= start and p.source is not None:
-            name = p.source.removeprefix(arch.layer_prefix.format(i=p.layer)).rsplit(".", 1)[0]
-            layers.setdefault(p.layer, []).append((name, p.shape))
+            layers.setdefault(p.layer, []).append((job.module_name(p), p.shape))
     if not layers:
         return None
     n, seqlen = windows
-    heads = int(getattr(config, "num_attention_heads", 0) or 0)
-    head_dim = getattr(config, "head_dim", None) or (int(getattr(config, "hidden_size", 0)) // max(heads, 1))
     flops = sum(
         layer_flops(
             linears,
             arch.capture_modules,
             tokens=n * seqlen,
             seqlen=seqlen,
-            attn_width=heads * int(head_dim),
+            attn_width=int(config.num_attention_heads) * head_dim(config),
             forwards=2 if job.awq.inputs == "quant" else 1,
             last_reader=arch.capture_modules[-1],
             gram_block=gram_block,
